@@ -1,0 +1,33 @@
+# Set-up is idempotent: `make test` and `make demo` create .venv when missing.
+PYTHON ?= python3.11
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: test test-all demo lint venv clean
+
+venv: $(STAMP)
+
+$(STAMP): constraints.txt pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet -c constraints.txt \
+	    torch==2.14.1 torchvision==0.29.1 torchaudio==2.11.0 \
+	    'transformers>=5,<6' 'timm>=1.0,<1.1' safetensors onnx onnxscript onnxruntime \
+	    peft pytest pytest-timeout ruff
+	$(PY) -m pip install --quiet --no-deps -e .
+	@touch $(STAMP)
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check adaptc passes targets tests examples
+
+test: lint
+	$(PY) -m pytest -m "not slow" -q
+
+test-all: lint
+	$(PY) -m pytest -q
+
+demo: $(STAMP)
+	$(PY) examples/demo.py
+
+clean:
+	rm -rf $(VENV) *.egg-info .pytest_cache .ruff_cache
