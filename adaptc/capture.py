@@ -1,0 +1,344 @@
+"""Capture any ``nn.Module`` as a ``torch.fx.GraphModule``.
+
+``torch.export.export(strict=False)`` with every tensor axis left for export to decide
+(``Dim.AUTO``: batch and sequence/time axes come out dynamic, channel and hidden axes
+static); static shapes when that fails; ``torch.fx.symbolic_trace`` as the last resort.
+Capture-time rewrites (:mod:`adaptc.rewrites`) are applied around each attempt.
+
+A captured graph bakes in the training mode (dropout, batch norm, Python branches on
+``self.training``), so :class:`CapturedGraphModule` keeps one graph per mode, captured on
+first use, all reading the model's own parameter and buffer objects.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import linecache
+import os
+import re
+import traceback
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils import _pytree as pytree
+
+from . import rewrites
+from .errors import CaptureError, InputError
+from .inputs import Inputs, check_has_tensor, normalize_inputs
+
+GraphHook = Callable[["CapturedGraphModule"], None]
+
+_TORCH_DIR = os.path.dirname(torch.__file__)
+_ADAPTC_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+# --- one capture attempt ------------------------------------------------------------------
+
+def _auto_dims(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return {axis: torch.export.Dim.AUTO for axis in range(value.dim())} or None
+    return None
+
+
+def _dynamic_shapes(model: nn.Module, inputs: Inputs) -> Any:
+    """Dim.AUTO on every axis of every tensor input, keyed like export wants it."""
+    try:
+        bound = inspect.signature(model.forward).bind(*inputs.args, **inputs.kwargs)
+    except (TypeError, ValueError):
+        return pytree.tree_map(_auto_dims, (inputs.args, inputs.kwargs))
+    return {name: pytree.tree_map(_auto_dims, value) for name, value in bound.arguments.items()}
+
+
+@contextlib.contextmanager
+def _mode(model: nn.Module, training: bool):
+    modes = {m: m.training for m in model.modules()}
+    model.train(training)
+    try:
+        yield
+    finally:
+        for m, was_training in modes.items():
+            m.training = was_training
+
+
+def _export(model: nn.Module, inputs: Inputs, training: bool, dynamic: bool) -> torch.fx.GraphModule:
+    shapes = _dynamic_shapes(model, inputs) if dynamic else None
+    with _mode(model, training), rewrites.applied(model, training), torch.enable_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        ep = torch.export.export(model, inputs.args, inputs.kwargs, dynamic_shapes=shapes, strict=False)
+    return ep.module()
+
+
+def _fx_trace(model: nn.Module, inputs: Inputs, training: bool) -> torch.fx.GraphModule:
+    # Tensors become placeholders; every other argument is baked in as a constant.
+    signature = inspect.signature(model.forward)
+    bound = signature.bind(*inputs.args, **inputs.kwargs)
+    concrete = {}
+    for name, param in signature.parameters.items():
+        if name in bound.arguments:
+            if not isinstance(bound.arguments[name], torch.Tensor):
+                concrete[name] = bound.arguments[name]
+        elif param.default is not inspect.Parameter.empty:
+            concrete[name] = param.default
+    with _mode(model, training), rewrites.applied(model, training):
+        return torch.fx.symbolic_trace(model, concrete_args=concrete or None)
+
+
+def _user_frame(exc: BaseException) -> traceback.FrameSummary | None:
+    """The deepest frame of the failure outside torch and adaptc: the model's own source line."""
+    frames: list[traceback.FrameSummary] = []
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        frames.extend(traceback.extract_tb(exc.__traceback__))
+        exc = exc.__cause__ or exc.__context__
+    candidates = [
+        f
+        for f in frames
+        if not f.filename.startswith(_TORCH_DIR)
+        and not f.filename.startswith(_ADAPTC_DIR)
+        and not f.filename.startswith("<")
+        and "contextlib" not in f.filename
+    ]
+    return candidates[-1] if candidates else None
+
+
+def describe_failure(exc: BaseException) -> str:
+    """One paragraph: the op (when torch names it), the model's source line, the first error lines."""
+    message = str(exc).strip() or type(exc).__name__
+    lines = [line for line in message.splitlines() if line.strip()]
+    head = " ".join(lines[:2])[:400]
+    op = re.search(r"(aten\.[\w.]+|torch\.[\w.]+|\.item\(\)|\.tolist\(\))", message)
+    frame = _user_frame(exc)
+    where = ""
+    if frame is not None:
+        code = (frame.line or linecache.getline(frame.filename, frame.lineno)).strip()
+        where = f" at {frame.filename}:{frame.lineno} ({frame.name}): `{code}`"
+        if not op:
+            op = re.search(r"(\.item\(\)|\.tolist\(\)|torch\.\w+|F\.\w+)", code)
+    op_text = f" [op: {op.group(1)}]" if op else ""
+    return f"{type(exc).__name__}{op_text}{where}: {head}"
+
+
+def capture_graph(model: nn.Module, inputs: Inputs, training: bool) -> tuple[torch.fx.GraphModule, str]:
+    """Capture ``model`` in one training mode; returns the graph module and how it was captured."""
+    failures = []
+    for how, attempt in (
+        ("export", lambda: _export(model, inputs, training, dynamic=True)),
+        ("export-static", lambda: _export(model, inputs, training, dynamic=False)),
+        ("fx", lambda: _fx_trace(model, inputs, training)),
+    ):
+        try:
+            return attempt(), how
+        except Exception as exc:  # noqa: BLE001 - every failure is reported below
+            failures.append((how, exc))
+    export_failure = describe_failure(failures[0][1])
+    fx_failure = describe_failure(failures[-1][1])
+    mode = "train" if training else "eval"
+    raise CaptureError(
+        f"could not capture {type(model).__name__} in {mode} mode with inputs {inputs.describe()}.\n"
+        f"  torch.export: {export_failure}\n"
+        f"  torch.fx.symbolic_trace: {fx_failure}\n"
+        "What to do: make that line traceable (no .item()/.tolist() sizes, no Python branches on tensor "
+        "values, no non-tensor outputs), or register a capture-time rewrite for it in adaptc.rewrites."
+    ) from failures[0][1]
+
+
+# --- the captured module -------------------------------------------------------------------
+
+def _resolve(root: nn.Module, target: str) -> Any:
+    obj: Any = root
+    for atom in target.split("."):
+        obj = getattr(obj, atom)
+    return obj
+
+
+def _set_path(root: nn.Module, target: str, value: Any) -> None:
+    """Set ``root.a.b.c = value``, creating empty holder modules on the way."""
+    *path, leaf = target.split(".")
+    module = root
+    for atom in path:
+        if not hasattr(module, atom):
+            module.add_module(atom, nn.Module())
+        module = getattr(module, atom)
+    if isinstance(value, nn.Parameter):
+        module.register_parameter(leaf, value)
+    elif isinstance(value, nn.Module):
+        module.add_module(leaf, value)
+    elif isinstance(value, torch.Tensor):
+        if leaf in module._buffers or not hasattr(module, leaf):
+            module.register_buffer(leaf, value)
+        else:
+            setattr(module, leaf, value)
+    else:
+        setattr(module, leaf, value)
+
+
+def _graph_attributes(model: nn.Module, gm: torch.fx.GraphModule, prefix: str) -> dict[str, Any]:
+    """Objects the graph reads, keyed by (possibly renamed) target; retargets nodes in place.
+
+    Targets that name something on the live model keep their name and resolve to the
+    model's own object, so every mode's graph shares parameters and buffers with it.
+    Anything else (lifted constants, guard functions) is renamed under ``prefix``.
+    """
+    attrs: dict[str, Any] = {}
+    for node in gm.graph.nodes:
+        if node.op not in ("get_attr", "call_module"):
+            continue
+        target = node.target
+        try:
+            attrs[target] = _resolve(model, target)
+            continue
+        except AttributeError:
+            pass
+        renamed = f"{prefix}{target.replace('.', '_')}"
+        attrs[renamed] = _resolve(gm, target)
+        node.target = renamed
+    return attrs
+
+
+class CapturedGraphModule(torch.fx.GraphModule):
+    """A captured model: a GraphModule with one graph per training mode.
+
+    ``.train()`` / ``.eval()`` switch graphs, capturing a mode on its first use; hooks
+    registered with :meth:`transform_graphs` (the adapter passes) are applied to every
+    mode's graph, present and future.
+    """
+
+    @classmethod
+    def build(cls, model: nn.Module, inputs: Inputs, training: bool) -> CapturedGraphModule:
+        gm, how = capture_graph(model, inputs, training)
+        prefix = cls._prefix(training)
+        attrs = _graph_attributes(model, gm, prefix)
+        self = cls(attrs, gm.graph, class_name=type(model).__name__ + "Graph")
+        self._adaptc_model = [model]  # a list: not registered as a submodule
+        self._adaptc_inputs = inputs
+        self._adaptc_graphs = {training: self.graph}
+        self._adaptc_how = {training: how}
+        self._adaptc_hooks: list[GraphHook] = []
+        self._adaptc_active = training
+        self.training = training
+        if how == "export-static":
+            warnings.warn(
+                f"adaptc: {type(model).__name__} captured with static shapes {inputs.describe()}; "
+                "other shapes are captured again on first use.",
+                stacklevel=3,
+            )
+        return self
+
+    @staticmethod
+    def _prefix(training: bool) -> str:
+        return "_adaptc_train_" if training else "_adaptc_eval_"
+
+    @property
+    def captured_with(self) -> dict[str, str]:
+        """How each captured mode was captured: 'export', 'export-static' or 'fx'."""
+        return {("train" if mode else "eval"): how for mode, how in self._adaptc_graphs_how().items()}
+
+    def _adaptc_graphs_how(self) -> dict[bool, str]:
+        return self._adaptc_how
+
+    @property
+    def is_dynamic(self) -> bool:
+        return all(how != "export-static" for how in self._adaptc_how.values())
+
+    def train(self, mode: bool = True) -> CapturedGraphModule:
+        super().train(mode)
+        self._activate(mode)
+        return self
+
+    def _activate(self, mode: bool) -> None:
+        if self._adaptc_active == mode:
+            return
+        if mode not in self._adaptc_graphs:
+            self._capture_mode(mode)
+        self.graph = self._adaptc_graphs[mode]
+        self._adaptc_active = mode
+
+    def _capture_mode(self, mode: bool) -> None:
+        model = self._adaptc_model[0]
+        gm, how = capture_graph(model, self._adaptc_inputs, mode)
+        for target, value in _graph_attributes(model, gm, self._prefix(mode)).items():
+            _set_path(self, target, value)
+        self._adaptc_graphs[mode] = gm.graph
+        self._adaptc_how[mode] = how
+        previous = self._adaptc_active
+        self.graph = gm.graph
+        self._adaptc_active = mode
+        try:
+            for hook in self._adaptc_hooks:
+                hook(self)
+                self.graph.lint()
+                self.recompile()
+        finally:
+            self.graph = self._adaptc_graphs[previous]
+            self._adaptc_active = previous
+
+    def transform_graphs(self, hook: GraphHook) -> None:
+        """Apply ``hook(self)`` to the graph of every mode, now and when a mode is first captured.
+
+        The hook edits ``self.graph`` (the active mode's graph) in place.
+        """
+        active = self._adaptc_active
+        try:
+            for mode in list(self._adaptc_graphs):
+                self.graph = self._adaptc_graphs[mode]
+                self._adaptc_active = mode
+                hook(self)
+                self.graph.lint()
+                self.recompile()
+        finally:
+            self.graph = self._adaptc_graphs[active]
+            self._adaptc_active = active
+        self._adaptc_hooks.append(hook)
+
+    def rebind(self) -> None:
+        """Point every attribute the graphs read back at the live model's current objects.
+
+        Needed after the model's buffers were replaced (``.to(device)`` replaces buffers).
+        """
+        model = self._adaptc_model[0]
+        for graph in self._adaptc_graphs.values():
+            for node in graph.nodes:
+                if node.op in ("get_attr", "call_module"):
+                    try:
+                        _set_path(self, node.target, _resolve(model, node.target))
+                    except AttributeError:
+                        pass
+
+    def static_dims(self) -> list[dict[int, int]]:
+        """For each flattened input, the axes the active graph was specialised on."""
+        dims = []
+        for node in self.graph.find_nodes(op="placeholder"):
+            val = node.meta.get("val")
+            if isinstance(val, torch.Tensor):
+                dims.append({axis: size for axis, size in enumerate(val.shape) if isinstance(size, int)})
+            else:
+                dims.append({})
+        return dims
+
+    def accepts(self, inputs: Inputs) -> bool:
+        """Whether the active graph was captured for inputs shaped like these."""
+        leaves = inputs.in_order_of(self._adaptc_inputs).flat()
+        for leaf, static in zip(leaves, self.static_dims()):
+            if isinstance(leaf, torch.Tensor):
+                if any(axis >= leaf.dim() or leaf.shape[axis] != size for axis, size in static.items()):
+                    return False
+        return True
+
+
+def capture(model: nn.Module, example_inputs: Any, *, training: bool | None = None) -> CapturedGraphModule:
+    """Capture ``model`` as a GraphModule that runs at other batch sizes and sequence lengths.
+
+    ``example_inputs``: a dict of keyword inputs, a tuple of positional inputs, or ``(args, kwargs)``.
+    The result follows ``.train()`` / ``.eval()`` like the model: each mode has its own graph.
+    """
+    if not isinstance(model, nn.Module):
+        raise InputError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    inputs = normalize_inputs(example_inputs)
+    check_has_tensor(inputs)
+    mode = model.training if training is None else training
+    return CapturedGraphModule.build(model, inputs, mode)

@@ -1,0 +1,21 @@
+"""Exceptions raised by adaptc. Every message says what was wrong and what to do."""
+
+
+class AdaptcError(Exception):
+    """Base class of every error adaptc raises on purpose."""
+
+
+class CaptureError(AdaptcError):
+    """The model could not be captured as a graph."""
+
+
+class ConfigError(AdaptcError, ValueError):
+    """An option of a method (rank, targets, ...) is invalid."""
+
+
+class TargetError(ConfigError):
+    """The target selector matched no site of the model."""
+
+
+class InputError(AdaptcError, ValueError):
+    """The example inputs or call inputs are unusable."""

@@ -1,0 +1,1 @@
+"""Rewrite passes over captured graphs (installed as ``adaptc.passes``)."""

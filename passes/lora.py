@@ -1,0 +1,208 @@
+"""The LoRA pass: a low-rank update beside every selected linear, conv and embedding op.
+
+One :class:`LoraLayer` per site serves every op kind: the pass replaces each use
+``y = op(x, W, b)`` of a selected weight with ``y' = lora(x, y, W, b)``, which adds
+``scale * B(A(x))`` (and, with DoRA, rescales by the learned magnitude). The original
+op stays in the graph untouched, so the frozen path is exactly the base model's.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+from adaptc.config import LoraConfig
+from adaptc.errors import ConfigError
+
+from .sites import Site, match_ops, site_key
+
+_CONV_FN = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+
+
+class LoraLayer(nn.Module):
+    """Adapter parameters of one site and the computation that applies them."""
+
+    def __init__(self, site: Site, r: int, alpha: float, dropout: float, rslora: bool, use_dora: bool) -> None:
+        super().__init__()
+        self.kind = site.kind
+        self.r = r
+        self.alpha = alpha
+        self.scaling = alpha / math.sqrt(r) if rslora else alpha / r
+        self.fan_in_fan_out = site.fan_in_fan_out
+        self.use_dora = use_dora
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.conv = dict(site.conv) if site.conv else None
+        self.weight_shape = site.weight_shape
+        if site.kind == "linear":
+            self.lora_A = nn.Parameter(torch.empty(r, site.in_features))
+            self.lora_B = nn.Parameter(torch.empty(site.out_features, r))
+        elif site.kind == "conv":
+            groups, dims = self.conv["groups"], self.conv["dims"]
+            self.lora_A = nn.Parameter(torch.empty(r * groups, site.in_features // groups, *site.weight_shape[2:]))
+            self.lora_B = nn.Parameter(torch.empty(site.out_features, r, *([1] * dims)))
+        else:
+            if use_dora:
+                raise ConfigError(f"DoRA is supported on linear and conv sites; {site.name} is an embedding")
+            self.lora_embedding_A = nn.Parameter(torch.empty(r, site.in_features))
+            self.lora_embedding_B = nn.Parameter(torch.empty(site.out_features, r))
+        if use_dora:
+            self.lora_magnitude_vector = nn.Parameter(torch.empty(site.out_features))
+
+    def extra_repr(self) -> str:
+        return f"kind={self.kind}, r={self.r}, scaling={self.scaling:g}, dora={self.use_dora}"
+
+    # -- initialisation ---------------------------------------------------------------------
+
+    @torch.no_grad()
+    def initialize(self, init: str, weight: torch.Tensor) -> None:
+        """Set A, B (and the DoRA magnitude) so that the adapted op equals the base op.
+
+        ``pissa`` moves the top-r singular directions of ``weight`` into A and B and
+        subtracts them from ``weight`` in place.
+        """
+        if self.kind == "embedding":
+            nn.init.zeros_(self.lora_embedding_A)
+            nn.init.normal_(self.lora_embedding_B)
+            return
+        if init == "pissa":
+            self._init_pissa(weight)
+        else:
+            if init == "gaussian":
+                nn.init.normal_(self.lora_A, std=1 / self.r)
+            else:
+                nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+            nn.init.zeros_(self.lora_B)
+        if self.use_dora:
+            self.lora_magnitude_vector.copy_(self._weight_norm(weight).reshape(-1))
+
+    def _init_pissa(self, weight: torch.Tensor) -> None:
+        if self.kind != "linear":
+            raise ConfigError("init='pissa' is supported on linear sites only")
+        w = self._oriented(weight).float()
+        U, S, Vh = torch.linalg.svd(w, full_matrices=False)
+        sqrt_s = torch.sqrt(S[: self.r] / self.scaling)
+        self.lora_A.copy_(sqrt_s[:, None] * Vh[: self.r])
+        self.lora_B.copy_(U[:, : self.r] * sqrt_s[None, :])
+        residual = w - self.scaling * (self.lora_B @ self.lora_A)
+        weight.copy_((residual.T if self.fan_in_fan_out else residual).to(weight.dtype))
+
+    # -- the update -----------------------------------------------------------------------------
+
+    def _oriented(self, weight: torch.Tensor) -> torch.Tensor:
+        """The weight as [out, in, ...] whatever its storage order."""
+        return weight.T if self.fan_in_fan_out else weight
+
+    def delta_weight(self) -> torch.Tensor:
+        """``scale * B A`` shaped like the stored weight (the update merge folds in)."""
+        if self.kind == "embedding":
+            return (self.lora_embedding_B @ self.lora_embedding_A).T * self.scaling
+        if self.kind == "linear":
+            delta = self.lora_B @ self.lora_A
+            return (delta.T if self.fan_in_fan_out else delta) * self.scaling
+        groups = self.conv["groups"]
+        out_channels = self.lora_B.shape[0]
+        b = self.lora_B.reshape(groups, out_channels // groups, self.r)
+        a = self.lora_A.reshape(groups, self.r, -1)
+        return torch.bmm(b, a).reshape(self.weight_shape) * self.scaling
+
+    def _weight_norm(self, weight: torch.Tensor) -> torch.Tensor:
+        """Per-output-channel norm of the adapted weight: [out] for linear, [out, 1, ...] for conv."""
+        w = self._oriented(weight) + self._oriented(self.delta_weight().to(weight.dtype))
+        if self.kind == "linear":
+            return w.norm(p=2, dim=1)
+        return w.norm(p=2, dim=tuple(range(1, w.dim())), keepdim=True)
+
+    def _low_rank(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kind == "linear":
+            return F.linear(F.linear(x, self.lora_A), self.lora_B)
+        conv_fn, c = _CONV_FN[self.conv["dims"]], self.conv
+        hidden = conv_fn(x, self.lora_A, None, c["stride"], c["padding"], c["dilation"], c["groups"])
+        return conv_fn(hidden, self.lora_B, None, 1, 0, 1, c["groups"])
+
+    def _base_op(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        if self.kind == "linear":
+            return F.linear(x, self._oriented(weight))
+        c = self.conv
+        return _CONV_FN[c["dims"]](x, weight, None, c["stride"], c["padding"], c["dilation"], c["groups"])
+
+    def forward(
+        self, x: torch.Tensor, base: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        if self.kind == "embedding":
+            hidden = F.embedding(x, self.lora_embedding_A.T)
+            return base + (hidden @ self.lora_embedding_B.T * self.scaling).to(base.dtype)
+        dropped = self.dropout(x).to(self._adapter_dtype())
+        delta = self._low_rank(dropped) * self.scaling
+        if not self.use_dora:
+            return base + delta.to(base.dtype)
+        return self._dora(dropped, base, weight, bias, delta)
+
+    def _adapter_dtype(self) -> torch.dtype:
+        return (self.lora_A if self.kind != "embedding" else self.lora_embedding_A).dtype
+
+    def _dora(self, x, base, weight, bias, delta):
+        # y = m / ||W + sBA|| * (W x + s B A x) + b, with the norm detached (DoRA paper, sec. 4.3).
+        norm = self._weight_norm(weight).detach()
+        channel_shape = (-1,) if self.kind == "linear" else (1, -1) + (1,) * self.conv["dims"]
+        magnitude_scale = (self.lora_magnitude_vector / norm.reshape(-1)).reshape(channel_shape)
+        if isinstance(self.dropout, nn.Identity) or not self.training:
+            plain = base if bias is None else base - bias.reshape(channel_shape)
+        else:
+            plain = self._base_op(x, weight.to(x.dtype))
+        update = (magnitude_scale - 1) * plain + magnitude_scale * delta
+        return base + update.to(base.dtype)
+
+
+# --- the pass ----------------------------------------------------------------------------------
+
+def build_layers(sites: list[Site], config: LoraConfig, model: nn.Module) -> dict[str, LoraLayer]:
+    """Create and initialise one LoraLayer per selected site; checks ranks first."""
+    ranks = {}
+    for site in sites:
+        r = config.rank_for(site.name)
+        if r > site.max_rank():
+            raise ConfigError(
+                f"r={r} is larger than {site.name} allows ({site.kind} weight {site.shapes()}, "
+                f"at most {site.max_rank()}); lower r or set rank_pattern={{{site.name.rsplit('.', 1)[-1]!r}: ...}}"
+            )
+        ranks[site.name] = r
+    params = dict(model.named_parameters(remove_duplicate=False))
+    layers = {}
+    for site in sites:
+        layer = LoraLayer(
+            site, ranks[site.name], config.alpha_for(site.name), config.dropout, config.rslora, config.use_dora
+        )
+        weight = params[site.weight]
+        layer.to(dtype=torch.float32 if not weight.is_floating_point() else weight.dtype, device=weight.device)
+        layer.initialize(config.init, weight.data)
+        site.params_added = sum(p.numel() for p in layer.parameters())
+        layers[site.name] = layer
+    return layers
+
+
+def insert(gm: fx.GraphModule, model: nn.Module, layers: dict[str, LoraLayer], prefix: str) -> int:
+    """Route every use of a selected weight in ``gm.graph`` through its LoraLayer; returns the count.
+
+    ``prefix`` is the dotted path under ``gm`` of the module dict holding ``layers`` by site key.
+    """
+    graph = gm.graph
+    count = 0
+    for match in match_ops(gm, model):
+        layer = layers.get(match.site.name)
+        if layer is None or layer.kind != match.site.kind:
+            continue
+        node = match.node
+        with graph.inserting_before(node):
+            weight = match.weight if match.weight is not None else graph.get_attr(match.site.weight)
+            bias = match.bias
+            if isinstance(bias, str):  # a call_module leaf (fx graphs): read its bias attribute
+                bias = graph.get_attr(f"{node.target}.bias")
+        with graph.inserting_after(node):
+            adapted = graph.call_module(f"{prefix}.{site_key(match.site.name)}", (match.x, node, weight, bias))
+        adapted.meta = {k: v for k, v in node.meta.items() if k in ("nn_module_stack", "stack_trace")}
+        node.replace_all_uses_with(adapted, delete_user_cb=lambda user, adapted=adapted: user is not adapted)
+        count += 1
+    return count
