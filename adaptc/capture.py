@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import io
 import linecache
+import logging
 import os
 import re
 import traceback
@@ -33,7 +35,8 @@ from .inputs import Inputs, check_has_tensor, normalize_inputs
 GraphHook = Callable[["CapturedGraphModule"], None]
 
 _TORCH_DIR = os.path.dirname(torch.__file__)
-_ADAPTC_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_PROJECT_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_ADAPTC_DIRS = tuple(os.path.join(_PROJECT_DIR, d) + os.sep for d in ("adaptc", "passes", "targets"))
 
 
 # --- one capture attempt ------------------------------------------------------------------
@@ -53,6 +56,23 @@ def _dynamic_shapes(model: nn.Module, inputs: Inputs) -> Any:
     return {name: pytree.tree_map(_auto_dims, value) for name, value in bound.arguments.items()}
 
 
+_NOISY_LOGGERS = ("torch.fx.experimental.symbolic_shapes", "torch.export", "torch._export", "torch._dynamo")
+
+
+@contextlib.contextmanager
+def _quiet_torch_logs():
+    """Failed attempts are reported by adaptc; torch's own log lines (graph dumps) would only add noise."""
+    loggers = [logging.getLogger(name) for name in _NOISY_LOGGERS]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
+
+
 @contextlib.contextmanager
 def _mode(model: nn.Module, training: bool):
     modes = {m: m.training for m in model.modules()}
@@ -68,7 +88,9 @@ def _export(model: nn.Module, inputs: Inputs, training: bool, dynamic: bool) -> 
     shapes = _dynamic_shapes(model, inputs) if dynamic else None
     with _mode(model, training), rewrites.applied(model, training), torch.enable_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
-        ep = torch.export.export(model, inputs.args, inputs.kwargs, dynamic_shapes=shapes, strict=False)
+        # torch.export prints the partial graph of a failed attempt to stderr; adaptc reports failures itself.
+        with contextlib.redirect_stderr(io.StringIO()):
+            ep = torch.export.export(model, inputs.args, inputs.kwargs, dynamic_shapes=shapes, strict=False)
     return ep.module()
 
 
@@ -99,7 +121,7 @@ def _user_frame(exc: BaseException) -> traceback.FrameSummary | None:
         f
         for f in frames
         if not f.filename.startswith(_TORCH_DIR)
-        and not f.filename.startswith(_ADAPTC_DIR)
+        and not f.filename.startswith(_ADAPTC_DIRS)
         and not f.filename.startswith("<")
         and "contextlib" not in f.filename
     ]
@@ -111,28 +133,55 @@ def describe_failure(exc: BaseException) -> str:
     message = str(exc).strip() or type(exc).__name__
     lines = [line for line in message.splitlines() if line.strip()]
     head = " ".join(lines[:2])[:400]
-    op = re.search(r"(aten\.[\w.]+|torch\.[\w.]+|\.item\(\)|\.tolist\(\))", message)
+    op = re.search(r"torch\.ops\.(aten\.\w+)", message) or re.search(r"\b(aten\.\w+)", message)
     frame = _user_frame(exc)
     where = ""
     if frame is not None:
         code = (frame.line or linecache.getline(frame.filename, frame.lineno)).strip()
         where = f" at {frame.filename}:{frame.lineno} ({frame.name}): `{code}`"
         if not op:
-            op = re.search(r"(\.item\(\)|\.tolist\(\)|torch\.\w+|F\.\w+)", code)
-    op_text = f" [op: {op.group(1)}]" if op else ""
+            op = re.search(r"(\.item\(\)|\.tolist\(\)|\.numpy\(\)|torch\.\w+|F\.\w+)", code)
+    op_name = op.group(1) if op else None
+    if "data-dependent" in message and not op_name:
+        op_name = "a tensor value read in Python (bool()/.item())"
+    op_text = f" [op: {op_name}]" if op_name else ""
     return f"{type(exc).__name__}{op_text}{where}: {head}"
+
+
+def _check_runs_eagerly(model: nn.Module, inputs: Inputs) -> None:
+    """Make sure the inputs suit the model; raises InputError naming the failing line if not."""
+    try:
+        with _mode(model, False), torch.no_grad():
+            model(*inputs.args, **inputs.kwargs)
+    except Exception as exc:
+        raise InputError(
+            f"{type(model).__name__} fails when called on the example inputs {inputs.describe()}: "
+            f"{describe_failure(exc)}. Pass inputs the model accepts (shapes, dtypes, keyword names)."
+        ) from None
+    raise _RunsEagerly
+
+
+class _RunsEagerly(Exception):
+    pass
 
 
 def capture_graph(model: nn.Module, inputs: Inputs, training: bool) -> tuple[torch.fx.GraphModule, str]:
     """Capture ``model`` in one training mode; returns the graph module and how it was captured."""
     failures = []
     for how, attempt in (
+        # An eager call first: export and fx can accept inputs the model rejects (dtype mismatches).
+        ("check-eager", lambda: _check_runs_eagerly(model, inputs)),
         ("export", lambda: _export(model, inputs, training, dynamic=True)),
         ("export-static", lambda: _export(model, inputs, training, dynamic=False)),
         ("fx", lambda: _fx_trace(model, inputs, training)),
     ):
         try:
-            return attempt(), how
+            with _quiet_torch_logs():
+                return attempt(), how
+        except _RunsEagerly:
+            continue
+        except InputError:
+            raise
         except Exception as exc:  # noqa: BLE001 - every failure is reported below
             failures.append((how, exc))
     export_failure = describe_failure(failures[0][1])

@@ -22,6 +22,32 @@ from .sites import Site, match_ops, site_key
 _CONV_FN = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 
 
+def lora_shapes(site: Site, r: int, use_dora: bool = False) -> dict[str, tuple[int, ...]]:
+    """The shapes of the parameters a rank-``r`` LoRA adds at ``site``, by parameter name (PEFT's names).
+
+    The single source of truth for both :class:`LoraLayer` and :func:`lora_param_count`.
+    """
+    if site.kind == "linear":
+        shapes = {"lora_A": (r, site.in_features), "lora_B": (site.out_features, r)}
+    elif site.kind == "conv":
+        # A is a grouped conv with the site's kernel (r channels per group), B a 1x1 conv back up.
+        groups, dims = site.conv["groups"], site.conv["dims"]
+        shapes = {
+            "lora_A": (r * groups, site.in_features // groups, *site.weight_shape[2:]),
+            "lora_B": (site.out_features, r, *([1] * dims)),
+        }
+    else:
+        shapes = {"lora_embedding_A": (r, site.in_features), "lora_embedding_B": (site.out_features, r)}
+    if use_dora:
+        shapes["lora_magnitude_vector"] = (site.out_features,)
+    return shapes
+
+
+def lora_param_count(site: Site, r: int, use_dora: bool = False) -> int:
+    """How many parameters a rank-``r`` LoRA (with DoRA, its magnitude too) adds at ``site``."""
+    return sum(math.prod(shape) for shape in lora_shapes(site, r, use_dora).values())
+
+
 class LoraLayer(nn.Module):
     """Adapter parameters of one site and the computation that applies them."""
 
@@ -36,20 +62,10 @@ class LoraLayer(nn.Module):
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.conv = dict(site.conv) if site.conv else None
         self.weight_shape = site.weight_shape
-        if site.kind == "linear":
-            self.lora_A = nn.Parameter(torch.empty(r, site.in_features))
-            self.lora_B = nn.Parameter(torch.empty(site.out_features, r))
-        elif site.kind == "conv":
-            groups, dims = self.conv["groups"], self.conv["dims"]
-            self.lora_A = nn.Parameter(torch.empty(r * groups, site.in_features // groups, *site.weight_shape[2:]))
-            self.lora_B = nn.Parameter(torch.empty(site.out_features, r, *([1] * dims)))
-        else:
-            if use_dora:
-                raise ConfigError(f"DoRA is supported on linear and conv sites; {site.name} is an embedding")
-            self.lora_embedding_A = nn.Parameter(torch.empty(r, site.in_features))
-            self.lora_embedding_B = nn.Parameter(torch.empty(site.out_features, r))
-        if use_dora:
-            self.lora_magnitude_vector = nn.Parameter(torch.empty(site.out_features))
+        if site.kind == "embedding" and use_dora:
+            raise ConfigError(f"DoRA is supported on linear and conv sites; {site.name} is an embedding")
+        for name, shape in lora_shapes(site, r, use_dora).items():
+            self.register_parameter(name, nn.Parameter(torch.empty(shape)))
 
     def extra_repr(self) -> str:
         return f"kind={self.kind}, r={self.r}, scaling={self.scaling:g}, dora={self.use_dora}"
@@ -190,7 +206,9 @@ def insert(gm: fx.GraphModule, model: nn.Module, layers: dict[str, LoraLayer], p
     """
     graph = gm.graph
     count = 0
-    for match in match_ops(gm, model):
+    # Last op first: rerouting an op's users then also reaches the adapters inserted after it,
+    # whose input was recorded as the op's original node.
+    for match in reversed(match_ops(gm, model)):
         layer = layers.get(match.site.name)
         if layer is None or layer.kind != match.site.kind:
             continue

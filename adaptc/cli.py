@@ -1,0 +1,363 @@
+"""The ``adaptc`` command line.
+
+``adaptc inspect model.py`` lists the sites a method could adapt; ``adaptc inject model.py
+--method lora`` inserts a fresh adapter and reports what matched. ``model.py`` is a user file
+defining ``build_model()`` (the ``nn.Module``) and ``example_inputs()`` (the inputs of one
+typical call, in any form ``adaptc.inject`` accepts).
+
+Errors print one line, ``adaptc: error: <cause and what to do>``, and return a non-zero exit
+code (2 for a usage or configuration problem, 1 for a failure inside the model file or an
+unexpected one); ``--debug`` prints the full traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import importlib.machinery
+import importlib.util
+import os
+import re
+import sys
+import traceback
+import types
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from .api import inject, inspect_sites
+from .config import LORA_INITS, LoraConfig, make_config
+from .errors import AdaptcError
+from .inputs import normalize_inputs
+from .model import TrainableSummary
+
+PROG = "adaptc"
+
+# Exit codes: argparse's convention for usage errors, 1 for anything that failed while running.
+EXIT_USAGE = 2
+EXIT_FAILURE = 1
+
+_LORA_DEFAULTS = {f.name: f.default for f in dataclasses.fields(LoraConfig) if f.default is not dataclasses.MISSING}
+
+
+class CliError(Exception):
+    """An error the command line reports as one line; ``code`` is the exit status."""
+
+    def __init__(self, message: str, code: int = EXIT_USAGE) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a bad command line is reported in the same one-line form as every other error."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise CliError(f"{message} (see `{self.prog} --help`)", EXIT_USAGE)
+
+
+# --- loading model.py ---------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def _importable_from(directory: Path) -> Iterator[None]:
+    # A model file may import its neighbours (a local modelling module), as `python model.py` would.
+    entry = str(directory)
+    sys.path.insert(0, entry)
+    try:
+        yield
+    finally:
+        with contextlib.suppress(ValueError):
+            sys.path.remove(entry)
+
+
+def _user_line(exc: BaseException, path: Path) -> str:
+    """' (line N)' for the deepest frame of ``exc`` inside the model file, if any."""
+    if isinstance(exc, SyntaxError) and exc.filename and Path(exc.filename).resolve() == path and exc.lineno:
+        return f" (line {exc.lineno})"
+    lines = [f.lineno for f in traceback.extract_tb(exc.__traceback__) if Path(f.filename).resolve() == path]
+    return f" (line {lines[-1]})" if lines else ""
+
+
+def _failed_in_user_code(what: str, path: Path, exc: BaseException) -> CliError:
+    message = _one_line(str(exc)) or "(no message)"
+    return CliError(
+        f"{what} in {path} raised {type(exc).__name__}{_user_line(exc, path)}: {message}; "
+        "fix the model file, or rerun with --debug for the traceback",
+        EXIT_FAILURE,
+    )
+
+
+def load_model_file(path_arg: str) -> types.ModuleType:
+    """Import a model file by path (it need not be on sys.path or end in .py)."""
+    path = Path(path_arg).expanduser().resolve()
+    if not path.exists():
+        raise CliError(
+            f"model file {path_arg!r} not found; pass the path of a Python file that defines "
+            "build_model() and example_inputs()"
+        )
+    if not path.is_file():
+        raise CliError(f"{path_arg!r} is not a file; pass the path of a Python file that defines build_model()")
+    name = "_adaptc_model_" + re.sub(r"\W", "_", path.stem)
+    loader = importlib.machinery.SourceFileLoader(name, str(path))
+    spec = importlib.util.spec_from_loader(name, loader)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses and pickling look a class's module up here
+    try:
+        loader.exec_module(module)
+    except Exception as exc:
+        sys.modules.pop(name, None)
+        raise _failed_in_user_code("importing the model file", path, exc) from exc
+    return module
+
+
+def _call(module: types.ModuleType, function: str, purpose: str) -> Any:
+    path = Path(module.__file__).resolve()
+    fn = getattr(module, function, None)
+    if fn is None:
+        raise CliError(f"{path} defines no {function}(); a model file must define {function}() {purpose}")
+    if not callable(fn):
+        raise CliError(f"{function} in {path} is a {type(fn).__name__}, not a function; define {function}() {purpose}")
+    try:
+        return fn()
+    except Exception as exc:
+        raise _failed_in_user_code(f"{function}()", path, exc) from exc
+
+
+def build_from_file(path_arg: str) -> tuple[nn.Module, Any]:
+    """``(build_model(), example_inputs())`` of a model file, with one-line errors for what goes wrong."""
+    with _importable_from(Path(path_arg).expanduser().resolve().parent):
+        module = load_model_file(path_arg)
+        model = _call(module, "build_model", "that returns the torch.nn.Module to adapt")
+        if not isinstance(model, nn.Module):
+            raise CliError(
+                f"build_model() in {module.__file__} returned {type(model).__name__}; it must return a torch.nn.Module"
+            )
+        inputs = _call(
+            module, "example_inputs",
+            "that returns the inputs of one typical call: a dict of keyword inputs or a tuple of positional ones",
+        )
+    return model, inputs
+
+
+# --- formatting ---------------------------------------------------------------------------------
+
+def _one_line(message: str) -> str:
+    """A possibly multi-line message as one line (errors are printed as exactly one line)."""
+    parts = [line.strip() for line in str(message).strip().splitlines() if line.strip()]
+    out = ""
+    for part in parts:
+        if out:
+            out += " " if out[-1] in ".:;,!?" else "; "
+        out += part
+    return out
+
+
+def table(headers: Sequence[str], rows: Sequence[Sequence[Any]], right: Sequence[int] = ()) -> str:
+    """A plain-text table; columns whose index is in ``right`` are right-aligned (numbers)."""
+    cells = [list(map(str, headers))] + [[str(c) for c in row] for row in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
+
+    def line(row: list[str]) -> str:
+        return "  ".join(c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths))).rstrip()
+
+    rule = "  ".join("-" * w for w in widths)
+    return "\n".join([line(cells[0]), rule] + [line(row) for row in cells[1:]])
+
+
+def _in_out(site: Any) -> str:
+    return f"{site.in_features}->{site.out_features}"
+
+
+def _n(value: int) -> str:
+    return f"{value:,}"
+
+
+# --- commands -----------------------------------------------------------------------------------
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from adaptc.passes.lora import lora_param_count
+    from adaptc.passes.selection import matches
+
+    make_config(args.method, {"r": args.r})  # an unknown method or bad rank fails before the model is built
+    model, example = build_from_file(args.model_file)
+    inputs = normalize_inputs(example)
+    sites = inspect_sites(model, inputs)
+    total = sum(p.numel() for p in model.parameters())
+    print(f"{type(model).__name__} from {args.model_file}, inputs {inputs.describe()}: {len(sites)} sites")
+    if not sites:
+        print("no linear, conv or embedding op found: LoRA has nothing to adapt in this model")
+        return 0
+
+    rows, added_all, added_linear = [], 0, 0
+    for site in sites:
+        if args.r <= site.max_rank():
+            added = lora_param_count(site, args.r)
+            added_all += added
+            added_linear += added if matches("all-linear", site) else 0
+            lora = _n(added)
+        else:
+            lora = f"- (max r {site.max_rank()})"  # inject would refuse this rank here
+        rows.append([
+            site.name, site.kind, site.op, site.shapes(), _in_out(site),
+            "" if site.layer is None else site.layer, "head" if site.is_head else "", lora,
+        ])
+    headers = ["site", "kind", "op", "weight", "in->out", "layer", "head", f"lora r={args.r}"]
+    print(table(headers, rows, right=(5, 7)))
+
+    kinds = {}
+    for site in sites:
+        kinds[site.kind] = kinds.get(site.kind, 0) + 1
+    breakdown = ", ".join(f"{n} {kind}" for kind, n in kinds.items())
+    print(
+        f"total: {len(sites)} sites ({breakdown}); model params {_n(total)}; "
+        f"rank-{args.r} LoRA adds {_n(added_all)} on every site, "
+        f"{_n(added_linear)} on all-linear (the default targets; trainable% "
+        f"{100 * TrainableSummary(added_linear, total + added_linear).fraction:.4f})"
+    )
+    return 0
+
+
+def _lora_options(args: argparse.Namespace) -> dict[str, Any]:
+    """Only the options given on the command line, so LoraConfig's own defaults apply otherwise."""
+    options: dict[str, Any] = {}
+    for name, value in (
+        ("r", args.r), ("alpha", args.alpha), ("dropout", args.dropout), ("exclude", args.exclude),
+        ("layers", args.layers), ("init", args.init),
+    ):
+        if value is not None:
+            options[name] = value
+    if args.targets is not None:
+        options["targets"] = args.targets
+    elif args.target is not None:
+        options["targets"] = args.target
+    if args.rslora:
+        options["rslora"] = True
+    if args.dora:
+        options["use_dora"] = True
+    return options
+
+
+def cmd_inject(args: argparse.Namespace) -> int:
+    config = make_config(args.method, _lora_options(args))  # validated before the model is built
+    model, example = build_from_file(args.model_file)
+    adapted = inject(model, config, example_inputs=example)
+
+    extras = " rslora" * config.rslora + " dora" * config.use_dora
+    print(
+        f"{config.method}: r={config.r} alpha={config.alpha:g} dropout={config.dropout:g} init={config.init}{extras} "
+        f"targets={config.targets!r}" + (f" exclude={config.exclude!r}" if config.exclude is not None else "")
+        + (f" layers={config.layers!r}" if config.layers is not None else "")
+    )
+    plural = "s" if len(adapted.sites) != 1 else ""
+    print(f"{type(model).__name__} from {args.model_file}: {len(adapted.sites)} site{plural} matched")
+    rows = [
+        [s.name, s.op, s.shapes(), _in_out(s), config.rank_for(s.name), _n(s.params_added)] for s in adapted.sites
+    ]
+    print(table(["site", "op", "weight", "in->out", "r", "params added"], rows, right=(4, 5)))
+    print(adapted.trainable_summary(print_it=False))
+    return 0
+
+
+# --- the parser ---------------------------------------------------------------------------------
+
+_INSPECT_EPILOG = """\
+example:
+  adaptc inspect examples/tiny_gpt2.py
+
+model.py defines build_model() (returns the nn.Module) and example_inputs() (the inputs of one
+call: a dict of keyword inputs, a tuple of positional inputs, or (args, kwargs)).
+"""
+
+_INJECT_EPILOG = """\
+examples:
+  adaptc inject examples/tiny_gpt2.py --method lora
+  adaptc inject examples/tiny_gpt2.py --method lora --r 4 --alpha 16 --targets '.*\\.attn\\..*'
+  adaptc inject examples/tiny_gpt2.py --method lora --target c_attn --layers 0
+
+--targets is a regular expression matched in full against site names (or 'all-linear':
+every linear-like site but the output head); --target/--exclude take site names or
+dotted suffixes. `adaptc inspect model.py` lists the site names.
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog=PROG,
+        description="adaptc: a model-agnostic adapter compiler (LoRA as torch.fx graph passes).",
+        epilog="example:\n  adaptc inspect examples/tiny_gpt2.py\n  adaptc inject examples/tiny_gpt2.py --method lora",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--debug", action="store_true", help="on error, print the full traceback")
+    # SUPPRESS: a subcommand's --debug must not reset one given before the subcommand.
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="on error, print the full traceback")
+    common.add_argument("model_file", metavar="model.py", help="a Python file defining build_model() and example_inputs()")
+    common.add_argument("--method", default="lora", help="the adapter method (default: lora)")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    inspect_p = sub.add_parser(
+        "inspect", parents=[common], help="list the sites a method could adapt, as a table",
+        description="Capture the model and list every site a method could adapt.",
+        epilog=_INSPECT_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    inspect_p.add_argument("--r", type=int, default=_LORA_DEFAULTS["r"], help="rank used for the parameter column (default: %(default)s)")
+    inspect_p.set_defaults(func=cmd_inspect)
+
+    inject_p = sub.add_parser(
+        "inject", parents=[common], help="insert a fresh adapter and report what matched",
+        description="Insert a fresh adapter into the model and report the matched sites and trainable parameters.",
+        epilog=_INJECT_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    d = _LORA_DEFAULTS
+    inject_p.add_argument("--r", type=int, help=f"LoRA rank (default: {d['r']})")
+    inject_p.add_argument("--alpha", type=float, help=f"LoRA alpha; scale is alpha/r (default: {d['alpha']:g})")
+    inject_p.add_argument("--dropout", type=float, help=f"dropout on the adapter input (default: {d['dropout']:g})")
+    which = inject_p.add_mutually_exclusive_group()
+    which.add_argument("--targets", metavar="REGEX", help=f"regular expression on site names, or 'all-linear' (default: {d['targets']})")
+    which.add_argument("--target", metavar="NAME", nargs="+", help="site names or dotted suffixes (e.g. c_attn q_proj)")
+    inject_p.add_argument("--exclude", metavar="NAME", nargs="+", help="site names or dotted suffixes to leave out")
+    inject_p.add_argument("--layers", metavar="N", type=int, nargs="+", help="only sites in these repeated-layer indices")
+    inject_p.add_argument("--rslora", action="store_true", help="scale by alpha/sqrt(r) (rank-stabilised LoRA)")
+    inject_p.add_argument("--dora", action="store_true", help="DoRA: also learn a per-output magnitude")
+    inject_p.add_argument("--init", choices=LORA_INITS, help=f"adapter initialisation (default: {d['init']})")
+    inject_p.set_defaults(func=cmd_inject)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; returns the exit status (0 on success)."""
+    args_list = list(sys.argv[1:] if argv is None else argv)
+    # Known before parsing, so even a failure while parsing can show its traceback.
+    debug = "--debug" in args_list
+    try:
+        args = build_parser().parse_args(args_list)
+        return args.func(args)
+    except SystemExit as exc:  # --help, and argparse's own exits
+        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else EXIT_USAGE)
+    except BrokenPipeError:  # `adaptc inspect model.py | head`: the reader left; not an error of ours
+        with contextlib.suppress(Exception):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_FAILURE
+    except Exception as exc:
+        if debug:
+            traceback.print_exc()
+        elif isinstance(exc, CliError):
+            _report(str(exc))
+        elif isinstance(exc, AdaptcError):
+            _report(_one_line(str(exc)))
+        else:
+            _report(
+                f"unexpected {type(exc).__name__}: {_one_line(str(exc))}; "
+                "rerun with --debug for the traceback and report it if it is adaptc's fault"
+            )
+        return exc.code if isinstance(exc, CliError) else EXIT_USAGE if isinstance(exc, AdaptcError) else EXIT_FAILURE
+
+
+def _report(message: str) -> None:
+    print(f"{PROG}: error: {message}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
