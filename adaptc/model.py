@@ -6,11 +6,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-import torch
 from torch import nn
 
 from .capture import CapturedGraphModule
-from .errors import AdaptcError
 from .inputs import Inputs
 
 ADAPTERS_ATTR = "_adaptc_adapters"
@@ -55,7 +53,7 @@ class AdaptedModel(nn.Module):
         self._graph_pass = graph_pass
         self._example_inputs = graph._adaptc_inputs
         self.sites = sites
-        self.config = config
+        self.adapter_config = config  # `config` stays the base model's (transformers reads it)
         self.train(model.training)  # start in the mode the model was in, like the model
         self._register_graph(graph)
 
@@ -70,7 +68,8 @@ class AdaptedModel(nn.Module):
         """The captured graph that runs these inputs in the current mode, capturing one if needed."""
         candidates = self._graphs.get(inputs.structure_key(), [])
         for graph in candidates:
-            graph.train(self.training)
+            if graph.training != self.training:
+                graph.train(self.training)
             if graph.accepts(inputs):
                 return graph
         graph = CapturedGraphModule.build(self.base_model, inputs, self.training)
@@ -129,24 +128,10 @@ class AdaptedModel(nn.Module):
                 raise AttributeError(f"{type(self).__name__} and its base model have no attribute {name!r}") from None
 
     def extra_repr(self) -> str:
-        return f"method={getattr(self.config, 'method', '?')}, sites={len(self.sites)}"
-
-
-def check_sites_applied(count: int, expected: int, what: str) -> None:
-    if count < expected:
-        raise AdaptcError(
-            f"{what}: the adapter pass found {count} of the {expected} selected op uses in a newly captured graph; "
-            "the model's graph differs between modes or inputs. Report this with your model."
-        )
+        return f"method={getattr(self.adapter_config, 'method', '?')}, sites={len(self.sites)}"
 
 
 def freeze(model: nn.Module) -> None:
+    """Stop gradients to every parameter of ``model`` (the adapters are switched on afterwards)."""
     for p in model.parameters():
         p.requires_grad_(False)
-
-
-def is_grad_enabled_for(params) -> bool:
-    return any(p.requires_grad for p in params)
-
-
-__all__ = ["AdaptedModel", "TrainableSummary", "freeze", "torch"]

@@ -144,4 +144,4 @@ def test_peft_spellings_are_accepted():
         Attention(), "lora", example_inputs=(X,), target_modules=["q_proj", "v_proj"], lora_alpha=4, lora_dropout=0.1
     )
     assert sorted(s.name for s in am.sites) == ["q_proj", "v_proj"]
-    assert am.config.alpha == 4 and am.config.dropout == 0.1
+    assert am.adapter_config.alpha == 4 and am.adapter_config.dropout == 0.1
