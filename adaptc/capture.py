@@ -91,7 +91,33 @@ def _export(model: nn.Module, inputs: Inputs, training: bool, dynamic: bool) -> 
         # torch.export prints the partial graph of a failed attempt to stderr; adaptc reports failures itself.
         with contextlib.redirect_stderr(io.StringIO()):
             ep = torch.export.export(model, inputs.args, inputs.kwargs, dynamic_shapes=shapes, strict=False)
-    return ep.module()
+    gm = ep.module()
+    gm.meta["adaptc_static_dims"] = _static_dims(ep)
+    return gm
+
+
+def _static_dims(ep: torch.export.ExportedProgram) -> list[dict[int, int]]:
+    """Per user input (flattened), the axes export specialised and their sizes.
+
+    A dimension stays symbolic in the placeholder metadata even when export specialised it;
+    it is dynamic only if its symbol is among the program's range constraints.
+    """
+    dynamic_symbols = set(ep.range_constraints)
+    user_inputs = set(ep.graph_signature.user_inputs)
+    dims = []
+    for node in ep.graph.find_nodes(op="placeholder"):
+        if node.name not in user_inputs:
+            continue
+        val = node.meta.get("val")
+        static = {}
+        if isinstance(val, torch.Tensor):
+            for axis, size in enumerate(val.shape):
+                if isinstance(size, int):
+                    static[axis] = size
+                elif not (size.node.expr.free_symbols & dynamic_symbols):
+                    static[axis] = int(size.node.hint if size.node.hint is not None else size)
+        dims.append(static)
+    return dims
 
 
 def _fx_trace(model: nn.Module, inputs: Inputs, training: bool) -> torch.fx.GraphModule:
@@ -267,6 +293,7 @@ class CapturedGraphModule(torch.fx.GraphModule):
         self._adaptc_inputs = inputs
         self._adaptc_graphs = {training: self.graph}
         self._adaptc_how = {training: how}
+        self._adaptc_static = {training: gm.meta.get("adaptc_static_dims", [])}
         self._adaptc_hooks: list[GraphHook] = []
         self._adaptc_active = training
         self.training = training
@@ -290,10 +317,6 @@ class CapturedGraphModule(torch.fx.GraphModule):
     def _adaptc_graphs_how(self) -> dict[bool, str]:
         return self._adaptc_how
 
-    @property
-    def is_dynamic(self) -> bool:
-        return all(how != "export-static" for how in self._adaptc_how.values())
-
     def train(self, mode: bool = True) -> CapturedGraphModule:
         super().train(mode)
         self._activate(mode)
@@ -314,6 +337,7 @@ class CapturedGraphModule(torch.fx.GraphModule):
             _set_path(self, target, value)
         self._adaptc_graphs[mode] = gm.graph
         self._adaptc_how[mode] = how
+        self._adaptc_static[mode] = gm.meta.get("adaptc_static_dims", [])
         previous = self._adaptc_active
         self.graph = gm.graph
         self._adaptc_active = mode
@@ -360,14 +384,7 @@ class CapturedGraphModule(torch.fx.GraphModule):
 
     def static_dims(self) -> list[dict[int, int]]:
         """For each flattened input, the axes the active graph was specialised on."""
-        dims = []
-        for node in self.graph.find_nodes(op="placeholder"):
-            val = node.meta.get("val")
-            if isinstance(val, torch.Tensor):
-                dims.append({axis: size for axis, size in enumerate(val.shape) if isinstance(size, int)})
-            else:
-                dims.append({})
-        return dims
+        return self._adaptc_static[self._adaptc_active]
 
     def accepts(self, inputs: Inputs) -> bool:
         """Whether the active graph was captured for inputs shaped like these."""
