@@ -81,9 +81,11 @@ def _user_line(exc: BaseException, path: Path) -> str:
 
 
 def _failed_in_user_code(what: str, path: Path, exc: BaseException) -> CliError:
-    message = _one_line(str(exc)) or "(no message)"
+    # SyntaxError's str() repeats the file and line, which the message already gives.
+    text = exc.msg if isinstance(exc, SyntaxError) and exc.msg else str(exc)
+    message = _one_line(text) or "(no message)"
     return CliError(
-        f"{what} in {path} raised {type(exc).__name__}{_user_line(exc, path)}: {message}; "
+        f"{what} raised {type(exc).__name__}{_user_line(exc, path)}: {message}; "
         "fix the model file, or rerun with --debug for the traceback",
         EXIT_FAILURE,
     )
@@ -108,34 +110,35 @@ def load_model_file(path_arg: str) -> types.ModuleType:
         loader.exec_module(module)
     except Exception as exc:
         sys.modules.pop(name, None)
-        raise _failed_in_user_code("importing the model file", path, exc) from exc
+        raise _failed_in_user_code(f"importing {path_arg}", path, exc) from exc
     return module
 
 
-def _call(module: types.ModuleType, function: str, purpose: str) -> Any:
-    path = Path(module.__file__).resolve()
+def _call(module: types.ModuleType, path_arg: str, function: str, purpose: str) -> Any:
     fn = getattr(module, function, None)
     if fn is None:
-        raise CliError(f"{path} defines no {function}(); a model file must define {function}() {purpose}")
+        raise CliError(f"{path_arg} defines no {function}(); a model file must define {function}() {purpose}")
     if not callable(fn):
-        raise CliError(f"{function} in {path} is a {type(fn).__name__}, not a function; define {function}() {purpose}")
+        raise CliError(
+            f"{function} in {path_arg} is a {type(fn).__name__}, not a function; define {function}() {purpose}"
+        )
     try:
         return fn()
     except Exception as exc:
-        raise _failed_in_user_code(f"{function}()", path, exc) from exc
+        raise _failed_in_user_code(f"{function}() in {path_arg}", Path(module.__file__).resolve(), exc) from exc
 
 
 def build_from_file(path_arg: str) -> tuple[nn.Module, Any]:
     """``(build_model(), example_inputs())`` of a model file, with one-line errors for what goes wrong."""
     with _importable_from(Path(path_arg).expanduser().resolve().parent):
         module = load_model_file(path_arg)
-        model = _call(module, "build_model", "that returns the torch.nn.Module to adapt")
+        model = _call(module, path_arg, "build_model", "that returns the torch.nn.Module to adapt")
         if not isinstance(model, nn.Module):
             raise CliError(
-                f"build_model() in {module.__file__} returned {type(model).__name__}; it must return a torch.nn.Module"
+                f"build_model() in {path_arg} returned {type(model).__name__}; it must return a torch.nn.Module"
             )
         inputs = _call(
-            module, "example_inputs",
+            module, path_arg, "example_inputs",
             "that returns the inputs of one typical call: a dict of keyword inputs or a tuple of positional ones",
         )
     return model, inputs

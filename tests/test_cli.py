@@ -1,0 +1,175 @@
+"""The `adaptc` command line: inspect / inject on a real model file, and its one-line errors."""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from transformers.pytorch_utils import Conv1D
+
+from adaptc.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = str(ROOT / "examples" / "tiny_gpt2.py")
+SUMMARY = re.compile(r"trainable params: ([\d,]+) \|\| all params: ([\d,]+) \|\| trainable%: ([\d.]+)")
+
+
+def _tiny_model():
+    """The example's model, loaded the plain Python way (not through the CLI under test)."""
+    spec = importlib.util.spec_from_file_location("tiny_gpt2_for_test", TINY)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.build_model()
+
+
+def _table_rows(out: str) -> dict[str, str]:
+    """First column -> whole line, for the rows under the table's dashed rule."""
+    lines = out.splitlines()
+    start = next(i for i, line in enumerate(lines) if set(line.replace(" ", "")) == {"-"}) + 1
+    rows = {}
+    for line in lines[start:]:
+        if line.startswith(("total:", "trainable params:")):
+            break
+        rows[line.split()[0]] = line
+    return rows
+
+
+def _expected_lora(model, names: set[str], r: int) -> tuple[int, int]:
+    """(trainable, all) counted by hand: r*(in+out) per adapted Conv1D ([in, out] weights), plus the base."""
+    modules = dict(model.named_modules())
+    trainable = sum(r * (modules[n].weight.shape[0] + modules[n].weight.shape[1]) for n in names)
+    base = sum(p.numel() for p in model.parameters())
+    return trainable, base + trainable
+
+
+def _assert_summary(out: str, trainable: int, total: int) -> None:
+    found = SUMMARY.search(out)
+    assert found, out
+    assert int(found.group(1).replace(",", "")) == trainable
+    assert int(found.group(2).replace(",", "")) == total
+    assert found.group(3) == f"{100 * trainable / total:.4f}"
+
+
+def _assert_one_line_error(rc: int, err: str) -> None:
+    assert rc != 0
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith("adaptc: error: "), err
+    assert "Traceback" not in err
+
+
+# --- inspect / inject -------------------------------------------------------------------------
+
+def test_inspect_lists_every_site_of_the_tiny_gpt2(capsys):
+    model = _tiny_model()
+    conv1d = {name for name, m in model.named_modules() if isinstance(m, Conv1D)}
+    assert len(conv1d) == 8  # 2 layers x (c_attn, attn.c_proj, c_fc, mlp.c_proj)
+
+    assert main(["inspect", TINY]) == 0
+    out = capsys.readouterr().out
+    rows = _table_rows(out)
+    assert set(rows) == conv1d | {"transformer.wte", "transformer.wpe", "lm_head"}
+    assert "head" in rows["lm_head"].split()
+    assert not any("head" in rows[n].split() for n in conv1d)
+    # rank-8 column: r*(in+out) for c_attn's [64, 192] weight, and the layer index.
+    c_attn = rows["transformer.h.1.attn.c_attn"].split()
+    assert c_attn[1:5] == ["linear", "aten.addmm", "64x192", "64->192"]
+    assert c_attn[5] == "1" and c_attn[-1] == f"{8 * (64 + 192):,}"
+    assert re.search(r"^total: 11 sites", out, re.M)
+
+
+def test_inject_reports_matched_sites_and_trainable_share(capsys):
+    model = _tiny_model()
+    conv1d = {name for name, m in model.named_modules() if isinstance(m, Conv1D)}
+
+    assert main(["inject", TINY, "--method", "lora"]) == 0
+    out = capsys.readouterr().out
+    rows = _table_rows(out)
+    assert set(rows) == conv1d  # all-linear: every projection, not the tied output head
+    for name in conv1d:
+        w = dict(model.named_modules())[name].weight
+        assert rows[name].split()[-1] == f"{8 * (w.shape[0] + w.shape[1]):,}"
+    _assert_summary(out, *_expected_lora(model, conv1d, r=8))
+
+
+def test_inject_options_reach_the_config(capsys):
+    model = _tiny_model()
+    args = ["inject", TINY, "--r", "4", "--alpha", "16", "--target", "c_attn", "c_fc", "--exclude", "h.0.mlp.c_fc",
+            "--layers", "0", "--init", "gaussian"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    chosen = {"transformer.h.0.attn.c_attn"}
+    assert set(_table_rows(out)) == chosen
+    assert "r=4 alpha=16" in out and "init=gaussian" in out
+    _assert_summary(out, *_expected_lora(model, chosen, r=4))
+
+
+def test_help_has_an_example(capsys):
+    for command in ("inspect", "inject"):
+        assert main([command, "--help"]) == 0
+        assert f"adaptc {command} examples/tiny_gpt2.py" in capsys.readouterr().out
+
+
+# --- errors -----------------------------------------------------------------------------------
+
+@pytest.fixture
+def bad_files(tmp_path):
+    raises_at_import = tmp_path / "import_fails.py"
+    raises_at_import.write_text("import torch\nRATIO = 1 / 0\n")
+    raises_in_build = tmp_path / "build_fails.py"
+    raises_in_build.write_text(
+        "def build_model():\n    raise ValueError('checkpoint missing')\n\n"
+        "def example_inputs():\n    return {}\n"
+    )
+    no_build = tmp_path / "no_build.py"
+    no_build.write_text("x = 1\n")
+    return {"import": str(raises_at_import), "build": str(raises_in_build), "none": str(no_build)}
+
+
+@pytest.mark.parametrize(
+    "args, expected",
+    [
+        (["inspect", "{missing}"], "not found"),
+        (["inspect", "{import}"], "import_fails.py raised ZeroDivisionError (line 2)"),
+        (["inject", "{build}"], "build_model() in {build} raised ValueError (line 2): checkpoint missing"),
+        (["inject", "{none}"], "defines no build_model()"),
+        (["inject", TINY, "--method", "adapterfusion"], "unknown method 'adapterfusion'"),
+        (["inject", TINY, "--targets", "nothing_.*"], "matched no site"),
+        (["inject", TINY, "--r", "0"], "r must be a positive integer"),
+        (["inject", TINY, "--no-such-flag"], "unrecognized arguments: --no-such-flag"),
+    ],
+    ids=["missing-file", "raises-at-import", "raises-in-build", "no-build-model", "unknown-method",
+         "targets-match-nothing", "bad-rank", "bad-flag"],
+)
+def test_errors_are_one_line(capsys, tmp_path, bad_files, args, expected):
+    names = {**bad_files, "missing": str(tmp_path / "missing.py")}
+    rc = main([a.format(**names) for a in args])
+    captured = capsys.readouterr()
+    _assert_one_line_error(rc, captured.err)
+    assert expected.format(**names) in captured.err
+    assert captured.out == ""
+
+
+@pytest.mark.parametrize("where", ["before", "after"])
+def test_debug_shows_the_traceback(capsys, bad_files, where):
+    args = ["inject", bad_files["build"]]
+    rc = main(["--debug", *args] if where == "before" else [*args, "--debug"])
+    err = capsys.readouterr().err
+    assert rc != 0
+    assert "Traceback (most recent call last)" in err
+    assert "raise ValueError('checkpoint missing')" in err  # the model file's own line
+
+
+def test_module_entry_point_in_a_real_process():
+    # A separate process sees everything written to stderr, loggers and warnings included.
+    proc = subprocess.run(
+        [sys.executable, "-m", "adaptc.cli", "inject", TINY, "--method", "lora", "--targets", "nothing_.*"],
+        capture_output=True, text=True, cwd=ROOT, timeout=300,
+    )
+    _assert_one_line_error(proc.returncode, proc.stderr)
+    assert proc.returncode == 2
+    assert "matched no site" in proc.stderr and "transformer.h.0.attn.c_attn" in proc.stderr
