@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 from torch import nn
@@ -10,7 +11,7 @@ from .capture import CapturedGraphModule, capture
 from .config import LoraConfig, make_config
 from .errors import AdaptcError, InputError
 from .inputs import check_has_tensor, normalize_inputs
-from .model import ADAPTERS_ATTR, AdaptedModel, freeze
+from .model import ADAPTERS_ATTR, AdaptedModel
 
 DEFAULT_ADAPTER = "default"
 
@@ -20,6 +21,7 @@ def inject(
     method: str | LoraConfig = "lora",
     *,
     example_inputs: Any = None,
+    adapter_name: str = DEFAULT_ADAPTER,
     **options: Any,
 ) -> AdaptedModel:
     """Capture ``model``, insert adapters with the method's pass, and freeze the base weights.
@@ -28,29 +30,46 @@ def inject(
     ``inject(model, LoraConfig(...), example_inputs=inputs)``. Everything is validated before
     the model is touched; on error the model is left as it was.
     """
-    from adaptc.passes import lora
-    from adaptc.passes.selection import select
     from adaptc.passes.sites import find_sites
 
     if not isinstance(model, nn.Module):
         raise InputError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if isinstance(model, AdaptedModel):
-        raise InputError("model is already an AdaptedModel; inject into its base_model, or use the AdaptedModel as is")
-    config = make_config(method, options)
+        raise InputError(
+            "model is already an AdaptedModel; use am.add_adapter(name, config) to add another adapter"
+        )
+    make_config(method, options)  # fail on bad options before the (slow) capture
     inputs = normalize_inputs(example_inputs)
     check_has_tensor(inputs)
-
     graph = capture(model, inputs)
-    sites = find_sites(graph, model)
-    chosen = select(sites, config.targets, config.exclude, config.layers, config.layers_pattern)
-    layers = lora.build_layers(chosen, config, model)  # validates ranks before any change
+    adapted = AdaptedModel(model, graph, find_sites(graph, model))
+    adapted.add_adapter(adapter_name, method, **options)
+    return adapted
 
-    adapters = nn.ModuleDict({DEFAULT_ADAPTER: nn.ModuleDict({_key(name): layer for name, layer in layers.items()})})
+
+def build_adapter(
+    adapted: AdaptedModel, name: str, method: str | LoraConfig, options: dict[str, Any]
+) -> tuple[LoraConfig, list, dict[str, nn.Module], Any]:
+    """Validate a method's config against the model's sites and build its layers and graph pass.
+
+    Returns (config, chosen sites, layers by site key, graph pass). Nothing in the model or its
+    graphs changes here except PiSSA's in-place weight update, which runs after validation.
+    """
+    from adaptc.passes import lora
+    from adaptc.passes.selection import select
+    from adaptc.passes.sites import site_key
+
+    config = make_config(method, options)
+    chosen = select(adapted.all_sites, config.targets, config.exclude, config.layers, config.layers_pattern)
+    chosen = [dataclasses.replace(site) for site in chosen]  # params_added is per adapter
+    layers = lora.build_layers(chosen, config, adapted.base_model)
+    model = adapted.base_model
+    by_name = dict(layers)
     expected_uses = sum(site.uses for site in chosen)
-    prefix = f"{ADAPTERS_ATTR}.{DEFAULT_ADAPTER}"
+    prefix = f"{ADAPTERS_ATTR}.{name}"
 
     def lora_pass(gm: CapturedGraphModule) -> None:
-        count = lora.insert(gm, model, layers, prefix)
+        count = lora.insert(gm, model, by_name, prefix)
         if count < expected_uses:
             raise AdaptcError(
                 f"the LoRA pass found {count} of the {expected_uses} selected op uses in a newly captured graph "
@@ -58,10 +77,7 @@ def inject(
                 "handle yet. Capture with the inputs and mode you will use."
             )
 
-    freeze(model)
-    for layer in layers.values():
-        layer.requires_grad_(True)
-    return AdaptedModel(model, graph, adapters, lora_pass, chosen, config)
+    return config, chosen, {site_key(n): layer for n, layer in layers.items()}, lora_pass
 
 
 def inspect_sites(model: nn.Module, example_inputs: Any) -> list:
@@ -72,9 +88,3 @@ def inspect_sites(model: nn.Module, example_inputs: Any) -> list:
     check_has_tensor(inputs)
     graph = capture(model, inputs)
     return find_sites(graph, model)
-
-
-def _key(name: str) -> str:
-    from adaptc.passes.sites import site_key
-
-    return site_key(name)

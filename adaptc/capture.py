@@ -350,8 +350,9 @@ class CapturedGraphModule(torch.fx.GraphModule):
             self.graph = self._adaptc_graphs[previous]
             self._adaptc_active = previous
 
-    def transform_graphs(self, hook: GraphHook) -> None:
-        """Apply ``hook(self)`` to the graph of every mode, now and when a mode is first captured.
+    def transform_graphs(self, hook: GraphHook, *, remember: bool = True) -> None:
+        """Apply ``hook(self)`` to the graph of every mode captured so far, and, with ``remember``,
+        to each mode captured later.
 
         The hook edits ``self.graph`` (the active mode's graph) in place.
         """
@@ -366,7 +367,8 @@ class CapturedGraphModule(torch.fx.GraphModule):
         finally:
             self.graph = self._adaptc_graphs[active]
             self._adaptc_active = active
-        self._adaptc_hooks.append(hook)
+        if remember:
+            self._adaptc_hooks.append(hook)
 
     def rebind(self) -> None:
         """Point every attribute the graphs read back at the live model's current objects.

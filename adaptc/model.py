@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 from torch import nn
 
 from .capture import CapturedGraphModule
+from .errors import AdaptcError, ConfigError
 from .inputs import Inputs
 
 ADAPTERS_ATTR = "_adaptc_adapters"
+
+AdapterPass = Callable[[CapturedGraphModule], None]
 
 
 @dataclass(frozen=True)
@@ -31,37 +35,139 @@ class AdaptedModel(nn.Module):
     """A captured model with adapters inserted.
 
     ``base_model`` is the original model object (its weights frozen, shared, not copied);
-    ``adapters`` holds the adapter parameters, the only ones that require grad. Calls run
-    a captured graph chosen by training mode and input structure; a call whose inputs
-    differ in structure (other keywords) or in a dimension the graph was specialised on
-    captures the model once more for them, with the same adapters.
+    ``adapters[name]`` holds one adapter's parameters by site; only adapter parameters
+    require grad. Calls run a captured graph chosen by training mode and input structure; a
+    call whose inputs differ in structure (other keywords) or in a dimension the graph was
+    specialised on captures the model once more for them, and every adapter is inserted
+    there too.
+
+    Several adapters can live on one model (:meth:`add_adapter`); the active ones
+    (:meth:`set_adapter`) add their updates, the others are skipped.
     """
 
-    def __init__(
-        self,
-        model: nn.Module,
-        graph: CapturedGraphModule,
-        adapters: nn.ModuleDict,
-        graph_pass: Callable[[CapturedGraphModule], None],
-        sites: list,
-        config: Any,
-    ) -> None:
+    def __init__(self, model: nn.Module, graph: CapturedGraphModule, sites: list) -> None:
         super().__init__()
         self.base_model = model
-        self.adapters = adapters
+        self.adapters = nn.ModuleDict()
+        self.all_sites = sites  # every site of the unadapted graph (selection reads is_head from it)
         self._graphs: dict[tuple, list[CapturedGraphModule]] = {}
-        self._graph_pass = graph_pass
         self._example_inputs = graph._adaptc_inputs
-        self.sites = sites
-        self.adapter_config = config  # `config` stays the base model's (transformers reads it)
+        self._passes: dict[str, AdapterPass] = {}
+        self._adapter_sites: dict[str, list] = {}
+        self._adapter_configs: dict[str, Any] = {}
+        self._active: list[str] = []
         self.train(model.training)  # start in the mode the model was in, like the model
         self._register_graph(graph)
 
+    # -- adapters -------------------------------------------------------------------------------
+
+    def add_adapter(self, name: str, config: Any = None, **options: Any) -> None:
+        """Insert a new adapter (``config`` or method options, as for ``adaptc.inject``) and activate it.
+
+        Everything is validated before the model changes; the new adapter becomes the only
+        active one (like PEFT's ``add_adapter`` followed by ``set_adapter``).
+        """
+        from .api import build_adapter  # the method registry lives with the public API
+
+        if not isinstance(name, str) or not name.isidentifier():
+            raise ConfigError(f"adapter name must be an identifier such as 'default' or 'task_a', got {name!r}")
+        if name in self.adapters:
+            raise ConfigError(f"adapter {name!r} already exists; delete_adapter({name!r}) first or pick another name")
+        config, sites, layers, graph_pass = build_adapter(self, name, config if config is not None else "lora", options)
+        self.adapters[name] = nn.ModuleDict(layers)
+        self._passes[name] = graph_pass
+        self._adapter_sites[name] = sites
+        self._adapter_configs[name] = config
+        for graph in self._all_graphs():
+            graph.transform_graphs(graph_pass, remember=False)
+        for p in self.base_model.parameters():
+            p.requires_grad_(False)
+        self.set_adapter(name)
+
+    def set_adapter(self, names: str | list[str]) -> None:
+        """Make ``names`` the active adapter(s): only their parameters train and apply."""
+        wanted = [names] if isinstance(names, str) else list(names)
+        unknown = [n for n in wanted if n not in self.adapters]
+        if unknown or not wanted:
+            raise ConfigError(f"unknown adapter {unknown or names!r}; this model has: {', '.join(self.adapters)}")
+        for name, layers in self.adapters.items():
+            on = name in wanted
+            for layer in layers.values():
+                layer.active = on
+                layer.requires_grad_(on)
+        self._active = wanted
+
+    def delete_adapter(self, name: str) -> None:
+        """Remove an adapter: its nodes leave every graph and its parameters are dropped."""
+        if name not in self.adapters:
+            raise ConfigError(f"unknown adapter {name!r}; this model has: {', '.join(self.adapters)}")
+        prefix = f"{ADAPTERS_ATTR}.{name}."
+
+        def remove(gm: CapturedGraphModule) -> None:
+            for node in list(gm.graph.nodes):
+                if node.op == "call_module" and node.target.startswith(prefix):
+                    node.replace_all_uses_with(node.args[1])  # args: (x, base output, weight, bias)
+                    gm.graph.erase_node(node)
+
+        for graph in self._all_graphs():
+            graph.transform_graphs(remove, remember=False)
+        del self.adapters[name]
+        for table in (self._passes, self._adapter_sites, self._adapter_configs):
+            table.pop(name)
+        self._active = [n for n in self._active if n != name]
+
+    @contextlib.contextmanager
+    def disable_adapters(self) -> Iterator[None]:
+        """Within the block the model computes exactly the base model's outputs."""
+        saved = {id(layer): layer.active for layers in self.adapters.values() for layer in layers.values()}
+        try:
+            for layers in self.adapters.values():
+                for layer in layers.values():
+                    layer.active = False
+            yield
+        finally:
+            for layers in self.adapters.values():
+                for layer in layers.values():
+                    layer.active = saved[id(layer)]
+
+    @property
+    def active_adapter(self) -> str:
+        if not self._active:
+            raise AdaptcError("no adapter is active; add_adapter() or set_adapter() first")
+        return self._active[0]
+
+    @property
+    def active_adapters(self) -> list[str]:
+        return list(self._active)
+
+    @property
+    def sites(self) -> list:
+        """The sites the active adapter adapts: name, kind, op, weight shape, parameters added."""
+        return self._adapter_sites[self.active_adapter]
+
+    @property
+    def adapter_config(self) -> Any:
+        """The active adapter's configuration (``config`` stays the base model's: transformers reads it)."""
+        return self._adapter_configs[self.active_adapter]
+
+    def adapter_configs(self) -> dict[str, Any]:
+        return dict(self._adapter_configs)
+
+    def adapter_sites(self, name: str) -> list:
+        return self._adapter_sites[name]
+
     # -- graphs ---------------------------------------------------------------------------------
+
+    def _all_graphs(self) -> list[CapturedGraphModule]:
+        return [graph for graphs in self._graphs.values() for graph in graphs]
+
+    def _apply_adapter_passes(self, graph: CapturedGraphModule) -> None:
+        for graph_pass in self._passes.values():
+            graph_pass(graph)
 
     def _register_graph(self, graph: CapturedGraphModule) -> None:
         setattr(graph, ADAPTERS_ATTR, self.adapters)
-        graph.transform_graphs(self._graph_pass)
+        graph.transform_graphs(self._apply_adapter_passes)
         self._graphs.setdefault(graph._adaptc_inputs.structure_key(), []).append(graph)
 
     def graph_for(self, inputs: Inputs) -> CapturedGraphModule:
@@ -79,30 +185,32 @@ class AdaptedModel(nn.Module):
     @property
     def graph_module(self) -> CapturedGraphModule:
         """The graph captured from the example inputs, in the current mode."""
-        graph = self.graph_for(self._example_inputs)
-        return graph
+        return self.graph_for(self._example_inputs)
+
+    @property
+    def example_inputs(self) -> Inputs:
+        return self._example_inputs
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        inputs = Inputs(args, kwargs)
-        return self.graph_for(inputs)(*args, **kwargs)
+        return self.graph_for(Inputs(args, kwargs))(*args, **kwargs)
 
     def _apply(self, fn, recurse=True):
         super()._apply(fn, recurse)
-        for graphs in self._graphs.values():
-            for graph in graphs:
-                graph.rebind()
-                # Constants the graphs own (lifted tensors) follow the move too.
-                for name, buffer in list(graph.named_buffers()):
-                    if name.startswith("_adaptc_"):
-                        module, _, leaf = name.rpartition(".")
-                        owner = graph.get_submodule(module) if module else graph
-                        owner._buffers[leaf] = fn(buffer)
+        for graph in self._all_graphs():
+            graph.rebind()
+            # Constants the graphs own (lifted tensors) follow the move too.
+            for name, buffer in list(graph.named_buffers()):
+                if name.startswith("_adaptc_"):
+                    module, _, leaf = name.rpartition(".")
+                    owner = graph.get_submodule(module) if module else graph
+                    owner._buffers[leaf] = fn(buffer)
         return self
 
     # -- introspection ----------------------------------------------------------------------------
 
-    def adapter_parameters(self) -> list[nn.Parameter]:
-        return [p for p in self.adapters.parameters()]
+    def adapter_parameters(self, name: str | None = None) -> list[nn.Parameter]:
+        """Parameters of one adapter (the active one by default)."""
+        return list(self.adapters[name or self.active_adapter].parameters())
 
     def trainable_summary(self, *, print_it: bool = True) -> TrainableSummary:
         """Trainable / total parameter counts (printed, and returned)."""
@@ -128,10 +236,4 @@ class AdaptedModel(nn.Module):
                 raise AttributeError(f"{type(self).__name__} and its base model have no attribute {name!r}") from None
 
     def extra_repr(self) -> str:
-        return f"method={getattr(self.adapter_config, 'method', '?')}, sites={len(self.sites)}"
-
-
-def freeze(model: nn.Module) -> None:
-    """Stop gradients to every parameter of ``model`` (the adapters are switched on afterwards)."""
-    for p in model.parameters():
-        p.requires_grad_(False)
+        return f"adapters={list(self.adapters)}, active={self._active}"

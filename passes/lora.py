@@ -59,6 +59,7 @@ class LoraLayer(nn.Module):
         self.scaling = alpha / math.sqrt(r) if rslora else alpha / r
         self.fan_in_fan_out = site.fan_in_fan_out
         self.use_dora = use_dora
+        self.active = True  # switched by AdaptedModel.set_adapter / disable_adapters
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.conv = dict(site.conv) if site.conv else None
         self.weight_shape = site.weight_shape
@@ -147,6 +148,8 @@ class LoraLayer(nn.Module):
     def forward(
         self, x: torch.Tensor, base: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     ) -> torch.Tensor:
+        if not self.active:  # an inactive adapter (set_adapter, disable_adapters) leaves the op as it was
+            return base
         if self.kind == "embedding":
             hidden = F.embedding(x, self.lora_embedding_A.T)
             return base + (hidden @ self.lora_embedding_B.T * self.scaling).to(base.dtype)
