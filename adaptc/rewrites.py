@@ -94,28 +94,49 @@ register(
 _LAYERDROP_CONFIG_FIELDS = ("layerdrop", "encoder_layerdrop", "decoder_layerdrop")
 
 
-def _layerdrop_changes(model: nn.Module) -> list[tuple[object, str, object]]:
-    changes = []
+def _layerdrop_changes(model: nn.Module) -> tuple[list[tuple[object, str, object]], bool]:
+    """The attribute changes that take layer drop out of a capture, and whether any layer drop was on.
+
+    transformers checks ``self.training and config.layerdrop > 0`` before drawing, so a zero
+    rate is enough there. torchaudio draws first (``self.training and torch.rand(1).item() <=
+    self.layer_drop``), which no rate makes traceable: the module that owns ``layer_drop`` is
+    captured with its own ``training`` flag off, so the draw is skipped; its submodules (the
+    layers, their dropout) keep training.
+    """
+    changes: list[tuple[object, str, object]] = []
+    active = False
     for config in _configs(model):
         for field in _LAYERDROP_CONFIG_FIELDS:
             value = getattr(config, field, None)
             if isinstance(value, float) and value > 0:
                 changes.append((config, field, 0.0))
+                active = True
     for module in model.modules():
         value = getattr(module, "layer_drop", None)
-        if isinstance(value, float) and value > 0:
-            changes.append((module, "layer_drop", 0.0))
-    return changes
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and _forward_reads(module, "layer_drop"):
+            changes += [(module, "layer_drop", 0.0), (module, "training", False)]
+            active = active or value > 0
+    return changes, active
+
+
+def _forward_reads(module: nn.Module, attr: str) -> bool:
+    try:
+        source = inspect.getsource(type(module).forward)
+    except (OSError, TypeError):
+        return False
+    return f"self.{attr}" in source
 
 
 @contextlib.contextmanager
 def _layerdrop_off(model: nn.Module) -> Iterator[None]:
-    warnings.warn(
-        "adaptc: layer drop draws a random number in Python per layer and step, which a graph "
-        "cannot hold; the captured training graph runs every layer (as with layer drop 0).",
-        stacklevel=4,
-    )
-    with _set_attrs(_layerdrop_changes(model)):
+    changes, active = _layerdrop_changes(model)
+    if active:
+        warnings.warn(
+            "adaptc: layer drop draws a random number in Python per layer and step, which a graph "
+            "cannot hold; the captured training graph runs every layer (as with layer drop 0).",
+            stacklevel=4,
+        )
+    with _set_attrs(changes):
         yield
 
 
@@ -123,8 +144,47 @@ register(
     CaptureRewrite(
         name="layer-drop-off",
         why="layer drop branches on torch.rand(...).item() in Python",
-        applies=lambda model, training: training and bool(_layerdrop_changes(model)),
+        applies=lambda model, training: training and bool(_layerdrop_changes(model)[0]),
         context=_layerdrop_off,
+    )
+)
+
+
+# --- SpecAugment: random time/feature masks drawn with numpy in training -------------------
+
+_SPEC_AUGMENT_CONFIG_FIELDS = ("mask_time_prob", "mask_feature_prob")
+
+
+def _spec_augment_changes(model: nn.Module) -> list[tuple[object, str, object]]:
+    changes = []
+    for config in _configs(model):
+        if getattr(config, "apply_spec_augment", True) is False:
+            continue
+        for field in _SPEC_AUGMENT_CONFIG_FIELDS:
+            value = getattr(config, field, None)
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0:
+                changes.append((config, field, 0.0))
+    return changes
+
+
+@contextlib.contextmanager
+def _spec_augment_off(model: nn.Module) -> Iterator[None]:
+    warnings.warn(
+        "adaptc: SpecAugment draws its time/feature masks with numpy on every training step, which a "
+        "graph cannot hold; the captured training graph applies no SpecAugment mask (pass mask_time_indices "
+        "as an input to mask time steps).",
+        stacklevel=4,
+    )
+    with _set_attrs(_spec_augment_changes(model)):
+        yield
+
+
+register(
+    CaptureRewrite(
+        name="spec-augment-off",
+        why="SpecAugment masks are drawn with numpy from the input's shape (config.mask_time_prob > 0)",
+        applies=lambda model, training: training and bool(_spec_augment_changes(model)),
+        context=_spec_augment_off,
     )
 )
 
