@@ -335,14 +335,19 @@ class CapturedGraphModule(torch.fx.GraphModule):
         gm, how = capture_graph(model, self._adaptc_inputs, mode)
         for target, value in _graph_attributes(model, gm, self._prefix(mode)).items():
             _set_path(self, target, value)
+        self._run_hooks(mode, gm.graph, self._adaptc_hooks)
+        # Recorded only once every hook succeeded: a failed pass leaves no half-edited graph behind.
         self._adaptc_graphs[mode] = gm.graph
         self._adaptc_how[mode] = how
         self._adaptc_static[mode] = gm.meta.get("adaptc_static_dims", [])
+
+    def _run_hooks(self, mode: bool, graph: torch.fx.Graph, hooks: list[GraphHook]) -> None:
+        """Make ``graph`` the active graph, apply ``hooks`` to it, then restore the active mode."""
         previous = self._adaptc_active
-        self.graph = gm.graph
+        self.graph = graph
         self._adaptc_active = mode
         try:
-            for hook in self._adaptc_hooks:
+            for hook in hooks:
                 hook(self)
                 self.graph.lint()
                 self.recompile()
@@ -356,17 +361,8 @@ class CapturedGraphModule(torch.fx.GraphModule):
 
         The hook edits ``self.graph`` (the active mode's graph) in place.
         """
-        active = self._adaptc_active
-        try:
-            for mode in list(self._adaptc_graphs):
-                self.graph = self._adaptc_graphs[mode]
-                self._adaptc_active = mode
-                hook(self)
-                self.graph.lint()
-                self.recompile()
-        finally:
-            self.graph = self._adaptc_graphs[active]
-            self._adaptc_active = active
+        for mode in list(self._adaptc_graphs):
+            self._run_hooks(mode, self._adaptc_graphs[mode], [hook])
         if remember:
             self._adaptc_hooks.append(hook)
 
