@@ -4,11 +4,35 @@ Capture any ``nn.Module`` as a graph, insert parameter-efficient adapters with r
 passes that match ops rather than module names, train them, and lower the result.
 """
 
+import os
+from typing import Any
+
 from .api import inject, inspect_sites
 from .capture import CapturedGraphModule, capture
 from .config import LoraConfig
-from .errors import AdaptcError, CaptureError, ConfigError, InputError, TargetError
+from .errors import AdaptcError, CaptureError, ConfigError, ExportError, InputError, MergeError, TargetError
 from .model import AdaptedModel
+
+
+def export_onnx(
+    am: Any,
+    path: str | os.PathLike,
+    example_inputs: Any = None,
+    merge: bool = True,
+    optimize: bool = True,
+    opset: int | None = None,
+    quantize: str | None = None,
+    **options: Any,
+) -> Any:
+    """Merge, export to ONNX, optimize for ONNX Runtime and check parity; returns the report.
+
+    See ``adaptc.targets.onnx.export_onnx``. Imported lazily: onnx, onnxscript and
+    onnxruntime are optional dependencies, needed only here.
+    """
+    from adaptc.targets.onnx import export_onnx as _export
+
+    return _export(am, path, example_inputs=example_inputs, merge=merge, optimize=optimize, opset=opset,
+                   quantize=quantize, **options)
 
 __version__ = "0.1.0"
 
@@ -18,10 +42,13 @@ __all__ = [
     "CaptureError",
     "CapturedGraphModule",
     "ConfigError",
+    "ExportError",
     "InputError",
     "LoraConfig",
+    "MergeError",
     "TargetError",
     "capture",
+    "export_onnx",
     "inject",
     "inspect_sites",
 ]

@@ -19,3 +19,11 @@ class TargetError(ConfigError):
 
 class InputError(AdaptcError, ValueError):
     """The example inputs or call inputs are unusable."""
+
+
+class MergeError(AdaptcError):
+    """Adapters could not be folded into the weights (a tied weight, NaN/inf); the model is unchanged."""
+
+
+class ExportError(AdaptcError):
+    """Export to ONNX failed (an op the exporter cannot lower, an opset ORT cannot run, a parity failure)."""

@@ -206,6 +206,17 @@ class AdaptedModel(nn.Module):
                     owner._buffers[leaf] = fn(buffer)
         return self
 
+    def merge(self, safe: bool = False) -> nn.Module:
+        """Fold the active LoRA adapters into the base model's weights and return that model.
+
+        The merged adapters leave this AdaptedModel (like PEFT's ``merge_and_unload``); inactive
+        ones stay. ``safe=True`` checks the merged weights for NaN/inf before writing any. A
+        weight shared by several modules (tied embeddings) is refused: see ``targets/merge.py``.
+        """
+        from adaptc.targets.merge import merge
+
+        return merge(self, safe=safe)
+
     # -- introspection ----------------------------------------------------------------------------
 
     def adapter_parameters(self, name: str | None = None) -> list[nn.Parameter]:

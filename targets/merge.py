@@ -1,0 +1,165 @@
+"""Merge: fold LoRA adapters into the base model's weights.
+
+For every weight the active adapters touch, the adapters' updates are applied in the order
+the graph applies them (the adapter added last sits next to the op), so the merged op
+computes what the adapted graph computed:
+
+- LoRA / rsLoRA: ``W <- W + scale * B A`` (``delta_weight()``, shaped like the stored weight:
+  ``[in, out]`` for Conv1D, grouped for convolutions, ``[vocab, dim]`` for embeddings);
+- DoRA: ``W <- m / ||W0 + dW|| * (W + dW)`` per output channel, the norm taken of the stored
+  weight ``W0`` plus this adapter's update, exactly as the adapter's forward does.
+
+A weight that is shared (GPT-2's ``wte`` is ``lm_head``'s weight) is refused: folding an
+embedding update into it would change the head too.
+
+LoRA only: prompt methods do not exist yet; folding their virtual tokens / prefixes in as
+constants comes with the issue that adds them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from adaptc.errors import MergeError
+
+
+@dataclass
+class WeightMerge:
+    """One base weight and the adapter layers folded into it, innermost first."""
+
+    weight_name: str
+    weight: nn.Parameter
+    layers: list = field(default_factory=list)  # LoraLayer, in graph order from the op outwards
+    sites: list[str] = field(default_factory=list)  # "adapter:site" for messages
+
+
+def _owners(model: nn.Module, param: nn.Parameter) -> list[str]:
+    """Paths of the distinct modules that hold ``param`` directly (more than one: tied weights)."""
+    seen, paths = set(), []
+    for path, module in model.named_modules(remove_duplicate=False):
+        if id(module) in seen:
+            continue
+        if any(p is param for p in module._parameters.values()):
+            seen.add(id(module))
+            paths.append(path or "<root>")
+    return paths
+
+
+def _site_users(am, param: nn.Parameter) -> set[str]:
+    """Names of every site (adapted or not) whose op reads ``param``."""
+    model = am.base_model
+    sites = list(am.all_sites) + [s for name in am.adapters for s in am.adapter_sites(name)]
+    return {s.name for s in sites if model.get_parameter(s.weight) is param}
+
+
+def plan(am, names: list[str]) -> list[WeightMerge]:
+    """What merging adapters ``names`` would write, checked before anything changes."""
+    from adaptc.passes.sites import site_key
+
+    model = am.base_model
+    by_weight: dict[int, WeightMerge] = {}
+    # The adapter added last wraps the op first (see passes/lora.insert), so it folds first.
+    order = [n for n in reversed(list(am.adapters)) if n in names]
+    for name in order:
+        for site in am.adapter_sites(name):
+            layer = am.adapters[name][site_key(site.name)]
+            param = model.get_parameter(site.weight)
+            entry = by_weight.get(id(param))
+            if entry is None:
+                entry = by_weight[id(param)] = WeightMerge(site.weight, param)
+            entry.layers.append(layer)
+            entry.sites.append(f"{name}:{site.name}")
+    for entry in by_weight.values():
+        _check_mergeable(am, entry)
+    return list(by_weight.values())
+
+
+def _check_mergeable(am, entry: WeightMerge) -> None:
+    site = entry.sites[0].split(":", 1)[1]
+    if not entry.weight.is_floating_point():
+        raise MergeError(f"cannot merge into {entry.weight_name} ({entry.weight.dtype}): merge needs a floating-point weight")
+    owners = _owners(am.base_model, entry.weight)
+    users = _site_users(am, entry.weight)
+    if len(owners) > 1 or len(users) > 1:
+        shared = sorted(set(owners) | users)
+        raise MergeError(
+            f"cannot merge the adapter at {site}: its weight {entry.weight_name} is shared by {', '.join(shared)} "
+            "(tied weights), so folding the update into it would change the other users too. Untie the weights "
+            "before injecting (for transformers, config.tie_word_embeddings=False), leave this site out of the "
+            "adapter's targets, or keep the adapter unmerged (export_onnx(..., merge=False))."
+        )
+
+
+@torch.no_grad()
+def merged_weight(entry: WeightMerge) -> torch.Tensor:
+    """The weight with every adapter of ``entry`` folded in, in the weight's dtype."""
+    stored = entry.weight.detach()
+    compute = torch.promote_types(stored.dtype, torch.float32)
+    current = stored.to(compute)
+    for layer in entry.layers:
+        delta = layer.delta_weight().to(compute)
+        if not layer.use_dora:
+            current = current + delta
+            continue
+        # DoRA's forward: m / ||W0 + dW|| * (W x + dW x), the norm of the *stored* weight plus dW.
+        norm = layer._weight_norm(stored.to(compute)).reshape(-1)
+        channel_scale = layer.lora_magnitude_vector.to(compute) / norm
+        oriented = layer._oriented(current + delta)
+        oriented = oriented * channel_scale.reshape((-1,) + (1,) * (oriented.dim() - 1))
+        current = layer._oriented(oriented)  # back to the stored orientation (a transpose is its own inverse)
+    return current.to(stored.dtype)
+
+
+def _check_finite(entries: list[WeightMerge]) -> None:
+    bad = []
+    for entry in entries:
+        if not torch.isfinite(merged_weight(entry)).all():
+            bad.append(f"{entry.weight_name} (from {', '.join(entry.sites)})")
+    if bad:
+        raise MergeError(
+            f"merging would write NaN or inf into {'; '.join(bad)}; nothing was changed. "
+            "The adapter weights are probably diverged: check them (and the DoRA magnitudes) before merging."
+        )
+
+
+def merge(am, safe: bool = False) -> nn.Module:
+    """Fold the active adapters into the base weights in place, remove them, return the base model.
+
+    Like PEFT's ``merge_and_unload``: the merged adapters leave ``am`` (so nothing is applied
+    twice); inactive adapters stay. ``safe=True`` computes every merged weight first and
+    refuses, changing nothing, if any holds NaN or inf.
+    """
+    names = [n for n in am.active_adapters if n in am.adapters]
+    entries = plan(am, names)  # raises before any weight is written
+    if safe:
+        _check_finite(entries)  # computed twice rather than holding a copy of every weight
+    with torch.no_grad():
+        for entry in entries:
+            entry.weight.copy_(merged_weight(entry))
+    for name in names:
+        am.delete_adapter(name)
+    return am.base_model
+
+
+@contextlib.contextmanager
+def merged_weights(am) -> Iterator[list[WeightMerge]]:
+    """Within the block the base model holds the active adapters merged and every adapter is off.
+
+    The user's objects come back exactly (the original tensors are put back, not un-merged
+    by subtraction), so export can lower a merged model without consuming the AdaptedModel.
+    """
+    entries = plan(am, [n for n in am.active_adapters if n in am.adapters])
+    originals = [entry.weight.data for entry in entries]
+    try:
+        for entry in entries:
+            entry.weight.data = merged_weight(entry)
+        with am.disable_adapters():
+            yield entries
+    finally:
+        for entry, original in zip(entries, originals):
+            entry.weight.data = original
