@@ -9,8 +9,18 @@ from typing import Any
 
 from .api import inject, inspect_sites
 from .capture import CapturedGraphModule, capture
+from .checkpoint import load_adapter
 from .config import LoraConfig
-from .errors import AdaptcError, CaptureError, ConfigError, ExportError, InputError, MergeError, TargetError
+from .errors import (
+    AdaptcError,
+    CaptureError,
+    CheckpointError,
+    ConfigError,
+    ExportError,
+    InputError,
+    MergeError,
+    TargetError,
+)
 from .model import AdaptedModel
 
 
@@ -41,6 +51,7 @@ __all__ = [
     "AdaptedModel",
     "CaptureError",
     "CapturedGraphModule",
+    "CheckpointError",
     "ConfigError",
     "ExportError",
     "InputError",
@@ -51,4 +62,5 @@ __all__ = [
     "export_onnx",
     "inject",
     "inspect_sites",
+    "load_adapter",
 ]

@@ -260,6 +260,9 @@ def cmd_inject(args: argparse.Namespace) -> int:
     ]
     print(table(["site", "op", "weight", "in->out", "r", "params added"], rows, right=(4, 5)))
     print(adapted.trainable_summary(print_it=False))
+    if args.output is not None:  # a starting point to train, or to load with PEFT
+        for path in adapted.save_adapter(args.output):
+            print(f"adapter saved to {path}")
     return 0
 
 
@@ -325,8 +328,73 @@ def build_parser() -> argparse.ArgumentParser:
     inject_p.add_argument("--rslora", action="store_true", help="scale by alpha/sqrt(r) (rank-stabilised LoRA)")
     inject_p.add_argument("--dora", action="store_true", help="DoRA: also learn a per-output magnitude")
     inject_p.add_argument("--init", choices=LORA_INITS, help=f"adapter initialisation (default: {d['init']})")
+    inject_p.add_argument(
+        "-o", "--output", metavar="DIR", help="save the fresh adapter there (PEFT format: adapter_config.json + .safetensors)"
+    )
     inject_p.set_defaults(func=cmd_inject)
+    _add_export_parser(sub, common)
     return parser
+
+
+# --- export -------------------------------------------------------------------------------------
+
+_EXPORT_EPILOG = """\
+examples:
+  adaptc export examples/tiny_gpt2.py -o model.onnx
+  adaptc export examples/tiny_gpt2.py -o model.onnx --quantize int8
+  adaptc export examples/tiny_gpt2.py -o model.onnx --no-merge   # + model.default.onnx_adapter
+
+Exports the model with a LoRA adapter (a fresh one with the LoRA options given, or --adapter DIR
+when adaptc can load saved adapters), optimized for ONNX Runtime and parity-checked against
+PyTorch; nothing is written if the check fails.
+"""
+
+
+def _add_export_parser(sub: Any, common: argparse.ArgumentParser) -> None:
+    export_p = sub.add_parser(
+        "export", parents=[common], help="export to ONNX for ONNX Runtime (merged or with adapter files)",
+        description="Export the adapted model to ONNX, optimize it for ONNX Runtime and check parity with PyTorch.",
+        epilog=_EXPORT_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    export_p.add_argument("-o", "--output", required=True, metavar="MODEL.onnx", help="where to write the model")
+    export_p.add_argument("--no-merge", action="store_true", help="keep LoRA swappable: write .onnx_adapter files")
+    export_p.add_argument("--quantize", choices=["int8"], help="also write an int8 (ORT dynamic quantization) model")
+    export_p.add_argument("--opset", type=int, help="ONNX opset (default: the exporter's)")
+    export_p.add_argument("--no-optimize", action="store_true", help="skip the fusions and ORT graph optimizations")
+    export_p.add_argument("--adapter", metavar="DIR", help="a saved adapter to load instead of a fresh one")
+    d = _LORA_DEFAULTS
+    export_p.add_argument("--r", type=int, help=f"LoRA rank of a fresh adapter (default: {d['r']})")
+    export_p.add_argument("--alpha", type=float, help=f"LoRA alpha (default: {d['alpha']:g})")
+    export_p.add_argument("--dropout", type=float, help=argparse.SUPPRESS)
+    which = export_p.add_mutually_exclusive_group()
+    which.add_argument("--targets", metavar="REGEX", help=f"regular expression on site names (default: {d['targets']})")
+    which.add_argument("--target", metavar="NAME", nargs="+", help="site names or dotted suffixes")
+    export_p.add_argument("--exclude", metavar="NAME", nargs="+", help="site names or dotted suffixes to leave out")
+    export_p.add_argument("--layers", metavar="N", type=int, nargs="+", help="only sites in these layer indices")
+    export_p.add_argument("--rslora", action="store_true", help="scale by alpha/sqrt(r)")
+    export_p.add_argument("--dora", action="store_true", help="DoRA")
+    export_p.add_argument("--init", choices=LORA_INITS, help=f"adapter initialisation (default: {d['init']})")
+    export_p.set_defaults(func=cmd_export)
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    import adaptc
+
+    config = make_config(args.method, _lora_options(args))  # validated before the model is built
+    model, example = build_from_file(args.model_file)
+    if args.adapter is not None:
+        load = getattr(adaptc, "load_adapter", None)
+        if load is None:
+            raise CliError("--adapter needs adaptc.load_adapter, which this version does not have yet")
+        adapted = load(model, args.adapter, example_inputs=example)
+    else:
+        adapted = inject(model, config, example_inputs=example)
+    report = adaptc.export_onnx(
+        adapted, args.output, merge=not args.no_merge, optimize=not args.no_optimize, opset=args.opset,
+        quantize=args.quantize,
+    )
+    print(report.summary())
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:

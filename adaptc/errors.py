@@ -27,3 +27,7 @@ class MergeError(AdaptcError):
 
 class ExportError(AdaptcError):
     """Export to ONNX failed (an op the exporter cannot lower, an opset ORT cannot run, a parity failure)."""
+
+
+class CheckpointError(AdaptcError):
+    """An adapter checkpoint cannot be saved or loaded (missing/extra key, shape, format); nothing was changed."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -130,6 +131,23 @@ class AdaptedModel(nn.Module):
                 for layer in layers.values():
                     layer.active = saved[id(layer)]
 
+    def add_weighted_adapter(
+        self,
+        adapters: list[str],
+        weights: list[float],
+        adapter_name: str,
+        combination: str = "svd",
+        svd_rank: int | None = None,
+    ) -> None:
+        """Add ``adapter_name``, a weighted combination of LoRA ``adapters`` (PEFT's semantics).
+
+        ``combination``: ``"linear"`` (same rank, approximate), ``"cat"`` (exact, rank = sum) or
+        ``"svd"`` (exact up to ``svd_rank``). The new adapter is added but not activated.
+        """
+        from adaptc.passes.weighted import add_weighted_adapter
+
+        add_weighted_adapter(self, adapters, weights, adapter_name, combination, svd_rank)
+
     @property
     def active_adapter(self) -> str:
         if not self._active:
@@ -155,6 +173,20 @@ class AdaptedModel(nn.Module):
 
     def adapter_sites(self, name: str) -> list:
         return self._adapter_sites[name]
+
+    # -- checkpoints (adaptc/checkpoint.py) -------------------------------------------------------
+
+    def save_adapter(self, directory: str | os.PathLike, adapter_name: str | list[str] | None = None) -> list:
+        """Write adapters in PEFT's format (all of them by default); ``default`` in ``directory``, others in subfolders."""
+        from .checkpoint import save_adapter
+
+        return save_adapter(self, directory, adapter_name)
+
+    def load_adapter(self, directory: str | os.PathLike, adapter_name: str = "default") -> None:
+        """Add a saved LoRA adapter (adaptc's or PEFT's) under ``adapter_name`` and make it the active one."""
+        from .checkpoint import load_into
+
+        load_into(self, directory, adapter_name)
 
     # -- graphs ---------------------------------------------------------------------------------
 

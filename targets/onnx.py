@@ -1,0 +1,518 @@
+"""Lower an AdaptedModel to ONNX: merge, export (dynamo), optimize for ORT, check parity.
+
+The graph exported is the AdaptedModel's own captured eval graph (capture-time rewrites
+such as ``use_cache=False`` already applied), called through :class:`FlatCall` so that the
+ONNX inputs and outputs are plain tensors with readable names and named dynamic axes.
+
+- ``merge=True``: merged tensors are swapped into the base weights for the export only
+  (``targets.merge.merged_weights``) and the originals put back: the user's AdaptedModel
+  keeps its adapters (``am.merge()`` is the call that consumes them).
+- ``merge=False``: every adapter's LoRA A/B (and DoRA magnitude) is a graph input whose
+  default is a rank-0 LoRA (``[0, in]`` / ``[out, 0]`` initializers; magnitude ``||W||``), so
+  with no adapter active the model is the base model; each adapter's tensors go to
+  ``<stem>.<adapter>.onnx_adapter`` for ``RunOptions.add_active_adapter``. The LoRA scale is
+  folded into B, so the graph holds no per-adapter constant.
+
+Everything is written in a temporary folder next to ``path`` and renamed into place only
+after the parity check passes: a failed export leaves no file at ``path``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import torch
+from torch import nn
+
+from adaptc.capture import describe_failure
+from adaptc.errors import ExportError, InputError
+from adaptc.inputs import Inputs, normalize_inputs
+
+from . import ort as rt
+from .flat import FlatCall, flat_outputs, input_names, output_names
+
+EXTERNAL_DATA_BYTES = 1 << 30  # weights above 1 GiB go to a .data file (protobuf's limit is 2 GiB)
+MIN_OPSET = 18  # the dynamo exporter's lowest
+QUANTIZE = (None, "int8")
+
+
+@dataclass
+class ExportReport:
+    """What export_onnx wrote and measured. Latencies are medians on the example inputs (CPU)."""
+
+    path: str
+    files: dict[str, int]  # path -> bytes
+    opset: int
+    merged: bool
+    dynamic_axes: dict[str, dict[int, str]]  # input -> {axis: name}
+    fusions: dict[str, int]  # onnxscript ORT fusion rule -> times applied
+    fused_ops: dict[str, int]  # com.microsoft op -> count in the saved model
+    parity: dict[str, float]  # check -> max |ORT - PyTorch|
+    parity_inputs: str
+    ort_latency_ms: float
+    torch_latency_ms: float
+    adapters: dict[str, str] = field(default_factory=dict)  # merge=False: adapter -> .onnx_adapter file
+    quantized: dict[str, Any] | None = None
+
+    @property
+    def parity_max_abs_diff(self) -> float:
+        return max(self.parity.values())
+
+    def summary(self) -> str:
+        kind = "merged" if self.merged else f"unmerged, {len(self.adapters)} ORT adapter file(s)"
+        lines = [f"wrote {self.path} (opset {self.opset}, {kind})"]
+        lines += [f"  {Path(f).name}: {size:,} bytes" for f, size in self.files.items()]
+        axes = "; ".join(f"{n}[{', '.join(f'{a}:{d}' for a, d in ax.items())}]" for n, ax in self.dynamic_axes.items() if ax)
+        lines.append(f"  dynamic axes: {axes or 'none'}")
+        lines.append(f"  onnxscript fusions: {', '.join(f'{k}={v}' for k, v in self.fusions.items()) or 'none applied'}")
+        lines.append(f"  fused ops: {', '.join(f'{k}={v}' for k, v in self.fused_ops.items()) or 'none'}")
+        checks = ", ".join(f"{k} {v:.2e}" for k, v in self.parity.items())
+        lines.append(f"  parity (max abs diff vs PyTorch) on {self.parity_inputs}: {checks}")
+        lines.append(
+            f"  latency (median, example inputs): ONNX Runtime {self.ort_latency_ms:.3f} ms, "
+            f"PyTorch eager {self.torch_latency_ms:.3f} ms"
+        )
+        if self.quantized:
+            q = self.quantized
+            lines.append(
+                f"  int8: {Path(q['path']).name} {q['size']:,} bytes; max abs change vs fp32 ORT {q['max_abs_change']:.3e} "
+                f"(relative {q['relative_change']:.3e}), vs PyTorch {q['max_abs_diff_vs_torch']:.3e}"
+            )
+        return "\n".join(lines)
+
+    __str__ = summary
+
+
+# --- checks before any work ---------------------------------------------------------------------
+
+def check_path(path: str | os.PathLike) -> Path:
+    target = Path(path)
+    if target.suffix != ".onnx":
+        raise ExportError(f"path must end in .onnx, got {str(path)!r}")
+    parent = target.parent
+    if not parent.is_dir():
+        raise ExportError(f"cannot write {target}: folder {parent} does not exist (or is not a folder); create it first")
+    if not os.access(parent, os.W_OK):
+        raise ExportError(f"cannot write {target}: folder {parent} is not writable; choose another path")
+    if target.is_dir():
+        raise ExportError(f"cannot write {target}: it is a folder")
+    return target
+
+
+def _check_options(merge: bool, quantize: str | None, opset: int | None, atol: float) -> None:
+    if quantize not in QUANTIZE:
+        raise ExportError(f"quantize must be None or 'int8', got {quantize!r}")
+    if quantize and not merge:
+        raise ExportError("quantize='int8' applies to a merged export; use merge=True (adapters cannot be hot-swapped into int8 weights)")
+    if opset is not None:
+        newest = onnx.defs.onnx_opset_version()
+        if isinstance(opset, bool) or not isinstance(opset, int) or not MIN_OPSET <= opset <= newest:
+            raise ExportError(
+                f"opset must be an integer from {MIN_OPSET} (the dynamo exporter's lowest) to {newest} "
+                f"(onnx {onnx.__version__}'s newest), got {opset!r}; leave it None for the exporter's default"
+            )
+    if not atol > 0:
+        raise ExportError(f"atol must be positive, got {atol!r}")
+
+
+@contextlib.contextmanager
+def _eval(am: nn.Module) -> Iterator[None]:
+    """Eval mode for the export, every module's own flag restored afterwards."""
+    modes = {m: m.training for m in am.modules()}
+    am.eval()
+    try:
+        yield
+    finally:
+        for module, mode in modes.items():
+            module.training = mode
+
+
+# --- unmerged adapters as graph inputs ------------------------------------------------------------
+
+@dataclass
+class Slot:
+    """One adapter tensor as a graph input."""
+
+    input_name: str  # "<adapter>.<site>.<param>"
+    graph_path: str  # the parameter's path inside the captured graph
+    adapter: str
+    value: torch.Tensor  # what the adapter file holds (B with the scale folded in)
+    default: torch.Tensor  # rank 0 (A, B) or ||W|| (DoRA magnitude): the base model
+    rank_axis: int | None
+
+
+def _slots(am) -> list[Slot]:
+    from adaptc.passes.sites import site_key
+
+    from adaptc.model import ADAPTERS_ATTR
+
+    slots = []
+    for name, layers in am.adapters.items():
+        for site in am.adapter_sites(name):
+            key = site_key(site.name)
+            layer = layers[key]
+            weight = am.base_model.get_parameter(site.weight).detach()
+            for pname, param in layer.named_parameters():
+                value = param.detach()
+                if pname.endswith("B"):
+                    value = value * layer.scaling  # folded in: the graph runs every layer at scale 1
+                if pname == "lora_magnitude_vector":
+                    rank_axis = None
+                    oriented = layer._oriented(weight).float()
+                    default = oriented.flatten(1).norm(p=2, dim=1).to(value.dtype)
+                else:
+                    rank_axis = 0 if pname.endswith("A") else 1
+                    shape = list(value.shape)
+                    shape[rank_axis] = 0
+                    default = value.new_zeros(shape)
+                slots.append(Slot(f"{name}.{site.name}.{pname}", f"{ADAPTERS_ATTR}.{name}.{key}.{pname}", name, value, default, rank_axis))
+    return slots
+
+
+@contextlib.contextmanager
+def _every_layer_live(am) -> Iterator[None]:
+    """Trace every adapter (active or not) at scale 1: which one applies is chosen per ORT run."""
+    layers = [layer for group in am.adapters.values() for layer in group.values()]
+    saved = [(layer.active, layer.scaling) for layer in layers]
+    try:
+        for layer in layers:
+            layer.active, layer.scaling = True, 1.0
+        yield
+    finally:
+        for layer, (active, scaling) in zip(layers, saved):
+            layer.active, layer.scaling = active, scaling
+
+
+# --- torch -> ONNX --------------------------------------------------------------------------------
+
+_OP = re.compile(r"(aten[.:]{1,2}[A-Za-z_0-9.]+|[A-Za-z_0-9]+::[A-Za-z_0-9.]+)")
+
+
+def _torch_export(flat: FlatCall, tensors: list[torch.Tensor], shapes: list[dict], names: list[str],
+                  outs: list[str], opset: int | None) -> ir.Model:
+    try:
+        with contextlib.redirect_stdout(None), contextlib.redirect_stderr(None), _quiet():
+            program = torch.onnx.export(
+                flat.eval(), tuple(tensors), dynamo=True, input_names=names, output_names=outs,
+                dynamic_shapes=(tuple(shapes),), opset_version=opset, verbose=False,
+            )
+    except Exception as error:  # the exporter raises many kinds; all mean the same to the user
+        message = str(error)
+        op = _OP.search(message)
+        detail = re.search(r"<class '[^']+'>: (.+)", message)
+        first = (detail.group(1) if detail else describe_failure(error)).strip()
+        raise ExportError(
+            f"torch.onnx.export failed{' at ' + op.group(1) if op else ''}: {first[:400]}. "
+            "Hint: the ONNX exporter has no lowering for an op the model uses, or could not trace it; rewrite that "
+            "part with standard ops, or pass a translation with torch.onnx.export(custom_translation_table=...)."
+        ) from error
+    return program.model
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield
+
+
+def _axis_name(tensor: torch.Tensor, axis: int) -> str:
+    if axis == 0:
+        return "batch"
+    if tensor.dim() >= 4 and axis >= tensor.dim() - 2:
+        return ("height", "width")[axis - tensor.dim() + 2]
+    if axis == 1 and tensor.dim() <= 3:
+        return "sequence" if not tensor.is_floating_point() else "time"
+    if axis == 1:
+        return "channels"
+    return f"dim{axis}"
+
+
+def _name_dims(model: ir.Model, tensors: list[torch.Tensor], slots: list[Slot]) -> dict[str, dict[int, str]]:
+    """Give the exporter's symbols (s0, s17, ...) readable names everywhere in the graph."""
+    graph = model.graph
+    rename: dict[str, str] = {}
+    used: set[str] = set()
+    axes: dict[str, dict[int, str]] = {}
+    for index, value in enumerate(graph.inputs):
+        if value.shape is None:
+            continue
+        mine = axes.setdefault(value.name, {}) if index < len(tensors) else None
+        for axis, dim in enumerate(value.shape.dims):
+            if not isinstance(dim, ir.SymbolicDim) or dim.value is None:
+                continue
+            if dim.value not in rename:
+                if index < len(tensors):
+                    wanted = _axis_name(tensors[index], axis)
+                    name = wanted if wanted not in used else f"{value.name}_{wanted}"
+                else:
+                    name = slots[index - len(tensors)].input_name.rsplit(".", 1)[0] + ".rank"
+                rename[dim.value] = name
+                used.add(name)
+            if mine is not None:
+                mine[axis] = rename[dim.value]
+    if not rename:
+        return axes
+    token = re.compile(r"\b(" + "|".join(map(re.escape, sorted(rename, key=len, reverse=True))) + r")\b")
+
+    def renamed(shape: ir.Shape | None) -> ir.Shape | None:
+        if shape is None:
+            return None
+        dims = [
+            ir.SymbolicDim(token.sub(lambda m: rename[m.group(1)], d.value))
+            if isinstance(d, ir.SymbolicDim) and d.value is not None else d
+            for d in shape.dims
+        ]
+        return ir.Shape(dims)
+
+    values = list(graph.inputs) + list(graph.outputs)
+    for node in ir.traversal.RecursiveGraphIterator(graph):
+        values.extend(node.outputs)
+    for value in values:
+        if value.shape is not None:
+            value.shape = renamed(value.shape)
+    return axes
+
+
+def _add_defaults(model: ir.Model, slots: list[Slot]) -> None:
+    """Rank-0 initializers behind the LoRA inputs: with no adapter active, the base model."""
+    by_name = {value.name: value for value in model.graph.inputs}
+    for slot in slots:
+        value = by_name[slot.input_name]
+        if slot.rank_axis is not None and isinstance(value.shape.dims[slot.rank_axis], int):
+            raise ExportError(
+                f"the exporter fixed the rank of {slot.input_name} at {value.shape.dims[slot.rank_axis]}, so adapters "
+                "cannot be swapped at that site; export with merge=True"
+            )
+        value.const_value = ir.tensor(slot.default.float().numpy() if slot.default.dtype == torch.bfloat16 else slot.default.numpy())
+        model.graph.register_initializer(value)
+
+
+def _weights_bytes(module: nn.Module) -> int:
+    return sum(p.numel() * p.element_size() for p in module.parameters())
+
+
+# --- parity ---------------------------------------------------------------------------------------
+
+_VARIED = ("batch", "sequence", "time", "height", "width")
+
+
+def _fresh_inputs(path: Path, example: list[torch.Tensor], count: int,
+                  varied: tuple[str, ...] = _VARIED) -> tuple[list[torch.Tensor], dict[str, int]]:
+    """Random inputs at another batch size and length: every named axis gets a new size."""
+    proto = onnx.load(str(path), load_external_data=False)
+    generator = torch.Generator().manual_seed(1234)
+    sizes: dict[str, int] = {}
+    fresh = []
+    for value, tensor in zip(list(proto.graph.input)[:count], example):
+        shape = []
+        for axis, dim in enumerate(value.type.tensor_type.shape.dim):
+            size = tensor.shape[axis]
+            if dim.dim_param and dim.dim_param.endswith(varied):  # not channels: the weights fix those
+                if dim.dim_param not in sizes:
+                    # Shorter, not longer: a length can be capped (positions, image size); a batch cannot.
+                    sizes[dim.dim_param] = size + 1 if dim.dim_param == "batch" or size <= 2 else size - max(1, size // 4)
+                size = sizes[dim.dim_param]
+            shape.append(size)
+        fresh.append(_like(tensor, shape, generator))
+    return fresh, sizes
+
+
+def _like(tensor: torch.Tensor, shape: list[int], generator: torch.Generator) -> torch.Tensor:
+    if tensor.is_floating_point():
+        std = tensor.float().std().item() if tensor.numel() > 1 else 1.0
+        std = std if math.isfinite(std) and std > 0 else 1.0
+        mean = tensor.float().mean().item()
+        return (torch.randn(shape, generator=generator) * std + mean).to(tensor.dtype)
+    low, high = int(tensor.min()), int(tensor.max())
+    return torch.randint(low, high + 1, shape, generator=generator).to(tensor.dtype)
+
+
+def _max_diff(got: list[np.ndarray], expected: list[torch.Tensor], names: list[str]) -> float:
+    if len(got) != len(expected):
+        raise ExportError(f"the ONNX model returns {len(got)} outputs, PyTorch {len(expected)}")
+    worst = 0.0
+    for value, ref, name in zip(got, expected, names):
+        ref = ref.detach().float().numpy()
+        if value.shape != ref.shape:
+            raise ExportError(f"parity check failed: output {name} has shape {value.shape} in ONNX Runtime, {ref.shape} in PyTorch")
+        if value.size:
+            diff = np.abs(value.astype(np.float64) - ref.astype(np.float64))
+            worst = max(worst, float("inf") if np.isnan(diff).any() else float(diff.max()))
+    return worst
+
+
+# --- the entry point ------------------------------------------------------------------------------
+
+def export_onnx(
+    am: nn.Module,
+    path: str | os.PathLike,
+    example_inputs: Any = None,
+    merge: bool = True,
+    optimize: bool = True,
+    opset: int | None = None,
+    quantize: str | None = None,
+    *,
+    external_data: bool | None = None,
+    atol: float = 1e-4,
+    latency_runs: int = 20,
+) -> ExportReport:
+    """Export an AdaptedModel to ONNX at ``path``, optimized for ONNX Runtime, and prove it matches PyTorch.
+
+    ``example_inputs`` default to the capture's. ``merge=True`` folds the active adapters in (``am`` is left
+    as it was); ``merge=False`` keeps every adapter swappable (see the module docstring). ``optimize`` runs
+    onnxscript's ORT fusions and ORT's extended graph optimizations and saves the result. ``opset`` defaults
+    to the exporter's. ``quantize='int8'`` also writes ``<stem>.int8.onnx`` (ORT dynamic quantization) and
+    reports its accuracy change. ``external_data`` (default: weights over 1 GiB) puts the weights in
+    ``<name>.data``. The parity check runs ONNX Runtime on fresh random inputs at another batch size and
+    length and raises ExportError, writing nothing, if any output differs from PyTorch by more than ``atol``.
+    """
+    from adaptc.model import AdaptedModel
+
+    from .merge import merged_weights
+
+    if not isinstance(am, AdaptedModel):
+        raise InputError(f"export_onnx takes an AdaptedModel (from adaptc.inject), got {type(am).__name__}")
+    target = check_path(path)
+    _check_options(merge, quantize, opset, atol)
+    inputs = normalize_inputs(example_inputs) if example_inputs is not None else am.example_inputs
+    external = _weights_bytes(am) > EXTERNAL_DATA_BYTES if external_data is None else bool(external_data)
+    try:
+        workdir = Path(tempfile.mkdtemp(prefix=f".{target.stem}.adaptc-", dir=target.parent))
+    except OSError as exc:
+        raise ExportError(f"cannot write {target}: {exc.strerror or exc}; choose a writable folder") from exc
+    try:
+        with _eval(am), torch.no_grad():
+            return _export(am, target, workdir, inputs, merge, optimize, opset, quantize, external, atol,
+                           latency_runs, merged_weights)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _export(am, target: Path, workdir: Path, inputs: Inputs, merge: bool, optimize: bool, opset: int | None,
+            quantize: str | None, external: bool, atol: float, runs: int, merged_weights) -> ExportReport:
+    stage = workdir / "stage"
+    stage.mkdir()
+    final = workdir / target.name
+    graph = am.graph_for(inputs)
+    slots = [] if merge else _slots(am)
+    names = input_names(am.base_model, inputs)
+    lowering = merged_weights(am) if merge else _every_layer_live(am)
+    with lowering:
+        flat = FlatCall(graph, inputs, [s.graph_path for s in slots])
+        example = flat.example_tensors()
+        outs = output_names(graph(*inputs.args, **inputs.kwargs), set(names) | {s.input_name for s in slots})
+        shapes = [{axis: torch.export.Dim.AUTO for axis in range(t.dim())} for t in example]
+        shapes += [{s.rank_axis: torch.export.Dim.AUTO} if s.rank_axis is not None else None for s in slots]
+        model = _torch_export(flat, example + [s.value for s in slots], shapes, names + [s.input_name for s in slots], outs, opset)
+        if merge:  # PyTorch eager: the merged model being deployed, as the user would run it
+            torch_ms = rt.median_ms(lambda: am.base_model(*inputs.args, **inputs.kwargs), runs)
+        # Saved inside the block: the exported initializers still read the (merged) parameters lazily.
+        axes = _name_dims(model, example, slots)
+        if slots:
+            _add_defaults(model, slots)
+        rt.save(model, stage / "exported.onnx" if optimize else final, external)
+        del model
+        fusions = _optimize(stage, final, external) if optimize else {}
+    if not merge:
+        torch_ms = rt.median_ms(lambda: am(*inputs.args, **inputs.kwargs), runs)
+    shutil.rmtree(stage)
+
+    session = rt.open_session(final)
+    fresh, _ = _fresh_inputs(final, example, len(example))
+    call = flat.unflatten(fresh)
+    try:
+        reference = flat_outputs(am(*call.args, **call.kwargs))
+    except Exception:  # noqa: BLE001 - an axis named 'time' was features after all: vary the batch only
+        fresh, _ = _fresh_inputs(final, example, len(example), ("batch",))
+        call = flat.unflatten(fresh)
+        reference = flat_outputs(am(*call.args, **call.kwargs))
+    feeds = {name: t.numpy() for name, t in zip(names, fresh)}
+    adapters, parity = {}, {}
+    if merge:
+        parity["merged" if am.active_adapters else "base"] = _max_diff(rt.run(session, feeds), reference, outs)
+    else:
+        for name in am.adapters:
+            file = workdir / f"{target.stem}.{name}.onnx_adapter"
+            rt.write_adapter(file, {s.input_name: s.value.float().numpy() for s in slots if s.adapter == name})
+            adapters[name] = file
+        loaded = {name: rt.load_adapter(file) for name, file in adapters.items()}
+        active = [loaded[n] for n in am.active_adapters]
+        parity["+".join(am.active_adapters) or "base"] = _max_diff(rt.run(session, feeds, active), reference, outs)
+        with am.disable_adapters():
+            base_reference = flat_outputs(am(*call.args, **call.kwargs))
+        parity["no adapter"] = _max_diff(rt.run(session, feeds), base_reference, outs)
+    worst = max(parity.values())
+    if not worst <= atol:
+        raise ExportError(
+            f"parity check failed: ONNX Runtime differs from PyTorch by {worst:.3e} (> atol {atol:g}) on fresh inputs "
+            f"{call.describe()} ({', '.join(f'{k}: {v:.3e}' for k, v in parity.items())}); nothing was written to "
+            f"{target}. Try optimize=False, or the default opset, to find the step that changes the numbers."
+        )
+    example_feeds = {name: t.numpy() for name, t in zip(names, example)}
+    active = [rt.load_adapter(adapters[n]) for n in am.active_adapters] if not merge else []
+    ort_ms = rt.median_ms(lambda: rt.run(session, example_feeds, active), runs)
+
+    quantized = None
+    if quantize == "int8":
+        quantized = _quantize(final, workdir / f"{target.stem}.int8.onnx", feeds, rt.run(session, feeds), reference, outs, external)
+
+    opset_used = next(o.version for o in onnx.load(str(final), load_external_data=False).opset_import if o.domain in ("", "ai.onnx"))
+    fused = rt.op_counts(final, rt.CONTRIB_DOMAIN)
+    files = {}
+    for file in sorted(workdir.iterdir()):
+        if file.is_file():
+            os.replace(file, target.parent / file.name)  # only now, after parity passed
+            files[str(target.parent / file.name)] = (target.parent / file.name).stat().st_size
+    if quantized:
+        quantized["path"] = str(target.parent / Path(quantized["path"]).name)
+    return ExportReport(
+        path=str(target), files=files, opset=opset_used, merged=merge, dynamic_axes=axes, fusions=fusions,
+        fused_ops=fused, parity=parity, parity_inputs=call.describe(), ort_latency_ms=ort_ms, torch_latency_ms=torch_ms,
+        adapters={n: str(target.parent / f.name) for n, f in adapters.items()}, quantized=quantized,
+    )
+
+
+def _optimize(stage: Path, final: Path, external: bool) -> dict[str, int]:
+    """onnxscript's ORT fusions, then ORT's own optimizations; the fusions are dropped if ORT rejects them.
+
+    (Measured: on the unmerged LoRA graph a fusion rule can emit a Gemm on a rank-3 input.)
+    """
+    exported = stage / "exported.onnx"
+    try:
+        fused, counts = rt.fuse(ir.load(exported))
+        rt.save(fused, stage / "fused.onnx", external)
+        del fused
+        rt.optimize_saved(stage / "fused.onnx", final, external)
+        return counts
+    except (ExportError, Exception):  # noqa: BLE001 - fall back to ORT's optimizer alone
+        for leftover in final.parent.glob(final.name + "*"):
+            leftover.unlink()
+        rt.optimize_saved(exported, final, external)
+        return {"onnxscript fusions skipped (ORT rejected the fused graph)": 1}
+
+
+def _quantize(source: Path, target: Path, feeds: dict, fp32: list[np.ndarray], reference: list[torch.Tensor],
+              outs: list[str], external: bool) -> dict[str, Any]:
+    rt.quantize_int8(source, target, external)
+    got = rt.run(rt.open_session(target), feeds)
+    change = _max_diff(got, [torch.from_numpy(v) for v in fp32], outs)
+    scale = max(float(np.abs(v).max()) for v in fp32 if v.size) or 1.0
+    return {
+        "path": str(target), "size": target.stat().st_size, "max_abs_change": change,
+        "relative_change": change / scale, "max_abs_diff_vs_torch": _max_diff(got, reference, outs),
+    }

@@ -1,0 +1,262 @@
+"""export_onnx: merged and unmerged (ORT LoRA adapters) exports checked against PyTorch, and bad input.
+
+References are independent of the export: the adapted model run in PyTorch, the unadapted
+model, and each adapter's own merged export. Nothing here times anything.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import timm
+import torch
+import torchaudio
+from torch import nn
+from transformers import (
+    BertConfig,
+    BertForSequenceClassification,
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    ViTConfig,
+    ViTForImageClassification,
+    Wav2Vec2Config,
+    Wav2Vec2ForCTC,
+)
+
+import adaptc
+from adaptc.errors import ExportError
+
+VOCAB = 64
+
+
+def randomize(am: adaptc.AdaptedModel, name: str | None = None, std: float = 0.05) -> None:
+    with torch.no_grad():
+        for p in am.adapter_parameters(name):
+            p.add_(torch.randn_like(p) * std)
+
+
+def gpt2() -> GPT2LMHeadModel:
+    config = GPT2Config(vocab_size=VOCAB, n_positions=32, n_embd=32, n_layer=2, n_head=4, bos_token_id=0, eos_token_id=0)
+    return GPT2LMHeadModel(config).eval()
+
+
+def gpt2_inputs(batch: int = 2, length: int = 8) -> dict:
+    return {"input_ids": torch.randint(0, VOCAB, (batch, length)), "use_cache": False}
+
+
+def session_outputs(path: str, feeds: dict, adapters: list[str] = ()) -> list[np.ndarray]:
+    session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    options = ort.RunOptions()
+    for file in adapters:
+        adapter = ort.LoraAdapter()
+        adapter.Load(file)
+        options.add_active_adapter(adapter)
+    return session.run(None, feeds, options)
+
+
+def only_files(folder) -> set[str]:
+    return {p.name for p in folder.iterdir()}
+
+
+# --- merged -----------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def gpt2_export(tmp_path_factory):
+    torch.manual_seed(0)
+    model = gpt2()
+    am = adaptc.inject(model, "lora", example_inputs=gpt2_inputs(), r=4, alpha=8)
+    randomize(am)
+    before = {n: p.clone() for n, p in am.named_parameters()}
+    path = tmp_path_factory.mktemp("gpt2") / "model.onnx"
+    report = adaptc.export_onnx(am, path, quantize="int8")
+    return am, before, path, report
+
+
+def test_gpt2_merged_export_matches_the_adapted_model(gpt2_export):
+    am, before, path, report = gpt2_export
+    assert report.merged and report.parity_max_abs_diff <= 1e-4
+    assert report.dynamic_axes["input_ids"] == {0: "batch", 1: "sequence"}
+    assert str(path) in report.files and report.files[str(path)] == os.path.getsize(path)
+    assert report.fused_ops  # ORT fused at least something (SkipLayerNormalization, FastGelu, ...)
+    # Our own check at yet another shape: ORT vs the adapted model in PyTorch.
+    check = gpt2_inputs(4, 5)
+    (logits,) = session_outputs(str(path), {"input_ids": check["input_ids"].numpy()})
+    am.eval()
+    with torch.no_grad():
+        expected = am(**check).logits
+    np.testing.assert_allclose(logits, expected.numpy(), atol=1e-4, rtol=0)
+    # The user's AdaptedModel keeps its adapters and weights: merging was for the export only.
+    assert list(am.adapters) == ["default"]
+    assert all(torch.equal(p, before[n]) for n, p in am.named_parameters())
+    with torch.no_grad(), am.disable_adapters():
+        assert (am(**check).logits - expected).abs().max() > 1e-3
+
+
+def test_int8_model_is_written_and_close(gpt2_export):
+    _, _, path, report = gpt2_export
+    q = report.quantized
+    int8 = path.with_name("model.int8.onnx")
+    assert q["path"] == str(int8) and int8.exists() and q["size"] < os.path.getsize(path)
+    assert 0 < q["max_abs_change"] < 0.5  # int8 changes the numbers, but not wildly
+    ops = {n.op_type for n in __import__("onnx").load(str(int8)).graph.node}
+    assert ops & {"DynamicQuantizeLinear", "MatMulInteger", "DynamicQuantizeMatMul"}
+
+
+@pytest.mark.parametrize("case", ["bert", "resnet18"])
+def test_merged_export_bert_and_resnet(case, tmp_path):
+    torch.manual_seed(0)
+    if case == "bert":
+        config = BertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                            intermediate_size=64, max_position_embeddings=32, num_labels=3)
+        model = BertForSequenceClassification(config).eval()
+        inputs = {"input_ids": torch.randint(0, VOCAB, (2, 8)), "attention_mask": torch.ones(2, 8, dtype=torch.long)}
+    else:
+        model = timm.create_model("resnet18", pretrained=False, num_classes=10).eval()
+        inputs = (torch.randn(2, 3, 64, 64),)
+    am = adaptc.inject(model, "lora", example_inputs=inputs, r=4)
+    randomize(am)
+    report = adaptc.export_onnx(am, tmp_path / "m.onnx")
+    assert report.parity_max_abs_diff <= 1e-4
+    assert report.dynamic_axes[next(iter(report.dynamic_axes))][0] == "batch"
+    assert only_files(tmp_path) == {"m.onnx"}
+
+
+# --- unmerged: one session, adapters switched per run ------------------------------------------------
+
+def test_unmerged_adapters_equal_their_merged_exports_and_base(tmp_path):
+    torch.manual_seed(0)
+    model = gpt2()
+    am = adaptc.inject(model, "lora", example_inputs=gpt2_inputs(), r=4, alpha=8)
+    randomize(am, "default")
+    am.add_adapter("other", targets=["c_attn", "wpe"], r=2, alpha=4, use_dora=False)
+    randomize(am, "other")
+    report = adaptc.export_onnx(am, tmp_path / "u.onnx", merge=False)
+    assert set(report.adapters) == {"default", "other"}
+    assert all(os.path.exists(f) and f.endswith(".onnx_adapter") for f in report.adapters.values())
+
+    feeds = {"input_ids": gpt2_inputs(3, 6)["input_ids"].numpy()}
+    for name in ("default", "other"):
+        am.set_adapter(name)
+        adaptc.export_onnx(am, tmp_path / f"merged_{name}.onnx")
+        (merged,) = session_outputs(str(tmp_path / f"merged_{name}.onnx"), feeds)
+        (swapped,) = session_outputs(str(tmp_path / "u.onnx"), feeds, [report.adapters[name]])
+        np.testing.assert_allclose(swapped, merged, atol=1e-4, rtol=0)
+    (plain,) = session_outputs(str(tmp_path / "u.onnx"), feeds)
+    with torch.no_grad():
+        base = model(input_ids=torch.from_numpy(feeds["input_ids"]), use_cache=False).logits
+    np.testing.assert_allclose(plain, base.numpy(), atol=1e-4, rtol=0)
+    assert np.abs(swapped - plain).max() > 1e-3
+
+
+# --- bad input: clear errors, no files left -------------------------------------------------------
+
+class Noisy(nn.Module):
+    """Adds fresh noise on every call: no two runtimes can agree, so parity must fail."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(8, 8)
+
+    def forward(self, x):
+        return self.fc(x) + torch.rand_like(x)
+
+
+def small_adapted(model=None):
+    model = model or nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4)).eval()
+    return adaptc.inject(model, "lora", example_inputs=(torch.randn(2, 8),), targets=["fc"] if isinstance(model, Noisy) else "all-linear", r=2)
+
+
+def test_parity_failure_raises_and_leaves_nothing(tmp_path):
+    am = small_adapted(Noisy().eval())
+    with pytest.raises(ExportError, match=r"parity check failed: ONNX Runtime differs from PyTorch by [\d.e+-]+ \(> atol"):
+        adaptc.export_onnx(am, tmp_path / "n.onnx")
+    assert only_files(tmp_path) == set()
+
+
+def test_unwritable_paths(tmp_path):
+    am = small_adapted()
+    blocker = tmp_path / "file.txt"
+    blocker.write_text("x")
+    with pytest.raises(ExportError, match="does not exist"):
+        adaptc.export_onnx(am, blocker / "m.onnx")
+    with pytest.raises(ExportError, match="does not exist"):
+        adaptc.export_onnx(am, tmp_path / "missing" / "m.onnx")
+    with pytest.raises(ExportError, match="must end in .onnx"):
+        adaptc.export_onnx(am, tmp_path / "m.txt")
+    assert only_files(tmp_path) == {"file.txt"}
+
+
+def test_bad_opset_and_options(tmp_path):
+    am = small_adapted()
+    with pytest.raises(ExportError, match="opset must be an integer from 18"):
+        adaptc.export_onnx(am, tmp_path / "m.onnx", opset=99)
+    with pytest.raises(ExportError, match="quantize='int8' applies to a merged export"):
+        adaptc.export_onnx(am, tmp_path / "m.onnx", merge=False, quantize="int8")
+    assert only_files(tmp_path) == set()
+
+
+@torch.library.custom_op("adaptc_test::twist", mutates_args=())
+def twist(x: torch.Tensor) -> torch.Tensor:
+    return x.flip(-1)
+
+
+@twist.register_fake
+def _(x):
+    return torch.empty_like(x)
+
+
+class CustomOp(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(8, 8)
+
+    def forward(self, x):
+        return twist(self.fc(x))
+
+
+def test_op_without_onnx_lowering_names_the_op(tmp_path):
+    am = small_adapted(CustomOp().eval()) if False else adaptc.inject(
+        CustomOp().eval(), "lora", example_inputs=(torch.randn(2, 8),), targets=["fc"], r=2)
+    with pytest.raises(ExportError, match=r"torch.onnx.export failed.*twist.*Hint"):
+        adaptc.export_onnx(am, tmp_path / "c.onnx")
+    assert only_files(tmp_path) == set()
+
+
+# --- the rest of the zoo (slow) -------------------------------------------------------------------------
+
+def _zoo():
+    llama = lambda: LlamaForCausalLM(LlamaConfig(  # noqa: E731
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64)).eval()
+    vit = lambda: ViTForImageClassification(ViTConfig(  # noqa: E731
+        image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+        intermediate_size=64, num_labels=5)).eval()
+    w2v = lambda: Wav2Vec2ForCTC(Wav2Vec2Config(  # noqa: E731
+        vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+        num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=4, conv_dim=(16, 16, 16),
+        conv_stride=(5, 4, 4), conv_kernel=(10, 4, 4))).eval()
+    return {
+        "llama": (llama, lambda: {"input_ids": torch.randint(0, VOCAB, (2, 8)), "use_cache": False}),
+        "hf-vit": (vit, lambda: {"pixel_values": torch.randn(2, 3, 32, 32)}),
+        "timm-vit_tiny": (lambda: timm.create_model("vit_tiny_patch16_224", pretrained=False, depth=2, img_size=32,
+                                                     num_classes=10).eval(), lambda: (torch.randn(2, 3, 32, 32),)),
+        "hf-wav2vec2": (w2v, lambda: {"input_values": torch.randn(2, 1600)}),
+        "torchaudio-wav2vec2_base": (lambda: torchaudio.models.wav2vec2_base().eval(), lambda: (torch.randn(1, 4000),)),
+    }
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", list(_zoo()))
+def test_zoo_merged_export(case, tmp_path):
+    torch.manual_seed(0)
+    build, inputs = _zoo()[case]
+    am = adaptc.inject(build(), "lora", example_inputs=inputs(), r=4)
+    randomize(am)
+    report = adaptc.export_onnx(am, tmp_path / "m.onnx")
+    assert report.parity_max_abs_diff <= 1e-4
+    assert "batch" in report.dynamic_axes[next(iter(report.dynamic_axes))].values()
