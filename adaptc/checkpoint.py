@@ -436,6 +436,9 @@ def _load_checkpoint(am: Any, ckpt: Checkpoint, adapter_name: str) -> None:
     # From here the model changes; everything that can be wrong with the checkpoint was checked above.
     am.add_adapter(adapter_name, config)
     layers = am.adapters[adapter_name]
+    if set(layers) != {site_key(name) for name in plans}:  # cannot happen if plan_load and select agree
+        am.delete_adapter(adapter_name)
+        raise CheckpointError(f"internal error: {config} did not select the checkpoint's sites; nothing was loaded")
     with torch.no_grad():
         for name, plan in plans.items():
             layer = layers[site_key(name)]

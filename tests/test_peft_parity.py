@@ -224,3 +224,20 @@ def test_adaptc_only_settings_are_kept_and_peft_ignores_them(tmp_path):
     assert config.target_modules == {"transformer.h.1.attn.c_attn"} and config.r == 2
     again = adaptc.load_adapter(copy.deepcopy(am.base_model), tmp_path, example_inputs=inputs)
     assert again.adapter_config.targets == r".*\.attn\.c_attn" and again.adapter_config.layers == [1]
+
+
+def test_peft_selection_that_differs_from_adaptcs_loads_site_by_site(tmp_path):
+    """PEFT's all-linear adapts a classifier head, adaptc's does not: the checkpoint's keys decide."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=32, num_labels=3)
+    base, inputs = BertForSequenceClassification(config).eval(), {"input_ids": torch.randint(0, 64, (2, 8))}
+    pristine = copy.deepcopy(base)
+    peft_model = peft.get_peft_model(base, peft.LoraConfig(r=2, target_modules="all-linear")).eval()
+    randomize(peft_model.named_parameters())
+    peft_model.save_pretrained(tmp_path)
+    am = adaptc.load_adapter(pristine, tmp_path, example_inputs=inputs)
+    assert "classifier" in {s.name for s in am.sites}
+    torch.testing.assert_close(output(am, inputs), output(peft_model, inputs), atol=1e-5, rtol=0)
