@@ -9,7 +9,7 @@ from torch import nn
 
 from .capture import CapturedGraphModule, capture
 from .config import LoraConfig, make_config
-from .errors import AdaptcError, InputError
+from .errors import AdaptcError, InputError, TargetError
 from .inputs import check_has_tensor, normalize_inputs
 from .model import ADAPTERS_ATTR, AdaptedModel
 
@@ -18,7 +18,7 @@ DEFAULT_ADAPTER = "default"
 
 def inject(
     model: nn.Module,
-    method: str | LoraConfig = "lora",
+    method: Any = "lora",
     *,
     example_inputs: Any = None,
     adapter_name: str = DEFAULT_ADAPTER,
@@ -47,26 +47,47 @@ def inject(
     return adapted
 
 
-def build_adapter(
-    adapted: AdaptedModel, name: str, method: str | LoraConfig, options: dict[str, Any]
-) -> tuple[LoraConfig, list, dict[str, nn.Module], Any]:
-    """Validate a method's config against the model's sites and build its layers and graph pass.
+@dataclasses.dataclass
+class AdapterBuild:
+    """What a method contributes to a model: its config, sites, layers, and how it edits graphs."""
 
-    Returns (config, chosen sites, layers by site key, graph pass). Nothing in the model or its
-    graphs changes here except PiSSA's in-place weight update, which runs after validation.
+    config: Any
+    sites: list
+    layers: dict[str, nn.Module]  # by site key
+    graph_pass: Any = None  # applied to every captured graph (LoRA, prefix)
+    edit: Any = None  # a capture-time edit: ``edit.applied(model)`` (prompt methods)
+
+    @property
+    def prompt_method(self) -> bool:
+        return self.config.method != "lora"
+
+
+def build_adapter(adapted: AdaptedModel, name: str, method: Any, options: dict[str, Any]) -> AdapterBuild:
+    """Validate a method's config against the model's sites and build its layers and graph edits.
+
+    Nothing in the model or its graphs changes here except PiSSA's in-place weight update, which
+    runs after validation.
     """
+    config = make_config(method, options)
+    prefix = f"{ADAPTERS_ATTR}.{name}"
+    if config.method == "lora":
+        return _build_lora(adapted, config, prefix)
+    if config.method == "prefix":
+        return _build_prefix(adapted, config, prefix)
+    return _build_prompt(adapted, config)
+
+
+def _build_lora(adapted: AdaptedModel, config: LoraConfig, prefix: str) -> AdapterBuild:
     from adaptc.passes import lora
     from adaptc.passes.selection import select
     from adaptc.passes.sites import site_key
 
-    config = make_config(method, options)
     chosen = select(adapted.all_sites, config.targets, config.exclude, config.layers, config.layers_pattern)
     chosen = [dataclasses.replace(site) for site in chosen]  # params_added is per adapter
     layers = lora.build_layers(chosen, config, adapted.base_model)
     model = adapted.base_model
     by_name = dict(layers)
     expected_uses = sum(site.uses for site in chosen)
-    prefix = f"{ADAPTERS_ATTR}.{name}"
 
     def lora_pass(gm: CapturedGraphModule) -> None:
         count = lora.insert(gm, model, by_name, prefix)
@@ -77,7 +98,55 @@ def build_adapter(
                 "handle yet. Capture with the inputs and mode you will use."
             )
 
-    return config, chosen, {site_key(n): layer for n, layer in layers.items()}, lora_pass
+    return AdapterBuild(config, chosen, {site_key(n): layer for n, layer in layers.items()}, lora_pass)
+
+
+def _build_prefix(adapted: AdaptedModel, config: Any, prefix: str) -> AdapterBuild:
+    from adaptc.passes import prefix as prefix_pass
+    from adaptc.passes.sequence import find_attention_sites
+    from adaptc.passes.sites import site_key
+
+    model = adapted.base_model
+    sites = find_attention_sites(adapted.graph_module)
+    if not sites:
+        raise TargetError(
+            f"{type(model).__name__} has no attention op (scaled_dot_product_attention) for prefix tuning to "
+            "extend; use method='lora', which adapts its linear and conv layers"
+        )
+    hidden = sites[0].heads * sites[0].head_dim
+    layers, encoder = prefix_pass.build_layers(sites, config, hidden)
+    targets = {site.name: f"{prefix}.{site_key(site.name)}" for site in sites}
+
+    def graph_pass(gm: CapturedGraphModule) -> None:
+        count = prefix_pass.insert(gm, targets)
+        if count < len(targets):
+            raise AdaptcError(
+                f"the prefix pass found {count} of the {len(targets)} attention ops in a newly captured graph of "
+                f"{type(model).__name__}; capture with the inputs and mode you will use"
+            )
+
+    by_key = {site_key(n): layer for n, layer in layers.items()}
+    if encoder is not None:
+        by_key["prefix_encoder"] = encoder
+    edit = prefix_pass.PositionShift(config.num_virtual_tokens) if config.shift_positions else None
+    return AdapterBuild(config, sites, by_key, graph_pass, edit)
+
+
+def _build_prompt(adapted: AdaptedModel, config: Any) -> AdapterBuild:
+    from adaptc.passes.prompt import PromptAdapter, SequenceEdit
+    from adaptc.passes.sequence import find_sequence_entry
+
+    model = adapted.base_model
+    modes = {m: m.training for m in adapted.modules()}
+    adapted.eval()  # the matcher compares the graph's values with an eager run: no dropout
+    try:
+        entry = find_sequence_entry(adapted.graph_module, model, adapted.example_inputs, config.method)
+    finally:
+        for module, mode in modes.items():
+            module.training = mode
+    adapter = PromptAdapter(config, entry)
+    adapter.init_from(config, model)
+    return AdapterBuild(config, [entry], {"prompt": adapter}, None, SequenceEdit(adapter))
 
 
 def inspect_sites(model: nn.Module, example_inputs: Any) -> list:

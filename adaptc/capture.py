@@ -284,11 +284,16 @@ class CapturedGraphModule(torch.fx.GraphModule):
     """
 
     @classmethod
-    def build(cls, model: nn.Module, inputs: Inputs, training: bool) -> CapturedGraphModule:
-        gm, how = capture_graph(model, inputs, training)
-        prefix = cls._prefix(training)
-        attrs = _graph_attributes(model, gm, prefix)
+    def build(cls, model: nn.Module, inputs: Inputs, training: bool,
+              around: Callable[[], contextlib.AbstractContextManager] | None = None) -> CapturedGraphModule:
+        """Capture ``model``; ``around()``, when given, is a context entered around every capture of it
+        (capture-time edits: hooks that add virtual tokens, adapter modules the hooks read)."""
+        around = around or contextlib.nullcontext
+        with around():
+            gm, how = capture_graph(model, inputs, training)
+            attrs = _graph_attributes(model, gm, cls._prefix(training))
         self = cls(attrs, gm.graph, class_name=type(model).__name__ + "Graph")
+        self._adaptc_around = around
         self._adaptc_model = [model]  # a list: not registered as a submodule
         self._adaptc_inputs = inputs
         self._adaptc_graphs = {training: self.graph}
@@ -332,8 +337,10 @@ class CapturedGraphModule(torch.fx.GraphModule):
 
     def _capture_mode(self, mode: bool) -> None:
         model = self._adaptc_model[0]
-        gm, how = capture_graph(model, self._adaptc_inputs, mode)
-        for target, value in _graph_attributes(model, gm, self._prefix(mode)).items():
+        with self._adaptc_around():
+            gm, how = capture_graph(model, self._adaptc_inputs, mode)
+            attrs = _graph_attributes(model, gm, self._prefix(mode))
+        for target, value in attrs.items():
             _set_path(self, target, value)
         self._run_hooks(mode, gm.graph, self._adaptc_hooks)
         # Recorded only once every hook succeeded: a failed pass leaves no half-edited graph behind.

@@ -10,8 +10,7 @@ from typing import Any
 
 from .errors import ConfigError
 
-KNOWN_METHODS = ("lora",)
-PLANNED_METHODS = ("prompt", "prefix", "ptuning")
+KNOWN_METHODS = ("lora", "prompt", "ptuning", "prefix")
 LORA_INITS = ("default", "gaussian", "pissa")
 
 # PEFT's name -> ours.
@@ -133,12 +132,156 @@ def _pattern_value(patterns: dict, site_name: str, default):
     return default
 
 
-def make_config(method_or_config: Any, options: dict[str, Any]) -> LoraConfig:
+def _check_positive_int(value: Any, what: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ConfigError(f"{what} must be a positive integer, got {value!r}")
+
+
+@dataclass
+class PromptConfig:
+    """Prompt tuning: ``num_virtual_tokens`` learned vectors added to the token sequence.
+
+    ``init``: ``"random"`` (normal, like PEFT), ``"vocab"`` (rows sampled from the token
+    embedding table; text models) or any other string, a text whose token embeddings start
+    the prompt (text models; needs ``tokenizer``: a Hugging Face tokenizer or a callable
+    ``text -> list of ids``).
+    """
+
+    num_virtual_tokens: int = 20
+    init: str = "random"
+    tokenizer: Any = None
+
+    method = "prompt"
+    _aliases = {"prompt_tuning_init": "init", "prompt_tuning_init_text": "init"}
+
+    @classmethod
+    def from_options(cls, **options: Any) -> Any:
+        known = {f.name for f in dataclasses.fields(cls)}
+        kwargs: dict[str, Any] = {}
+        for key, value in options.items():
+            name = cls._aliases.get(key, key)
+            if name not in known:
+                raise ConfigError(
+                    f"unknown {cls.method} option {key!r}; known options: {', '.join(sorted(known | set(cls._aliases)))}"
+                )
+            if key == "prompt_tuning_init" and str(value).upper() in ("TEXT",):
+                continue  # PEFT's two-field spelling: the text comes in prompt_tuning_init_text
+            kwargs[name] = value.lower() if key == "prompt_tuning_init" and isinstance(value, str) else value
+        if kwargs.get("init") == "sample_vocab":
+            kwargs["init"] = "vocab"
+        config = cls(**kwargs)
+        config.validate()
+        return config
+
+    def validate(self) -> None:
+        _check_positive_int(self.num_virtual_tokens, "num_virtual_tokens")
+        if not isinstance(self.init, str) or not self.init:
+            raise ConfigError(f"init must be 'random', 'vocab' or a non-empty text, got {self.init!r}")
+        if self.init not in ("random", "vocab") and self.tokenizer is None:
+            raise ConfigError(
+                f"init={self.init!r} is a text: pass tokenizer= (a Hugging Face tokenizer or a callable text -> ids) "
+                "to turn it into token embeddings, or use init='random' / 'vocab'"
+            )
+
+    @property
+    def init_is_text(self) -> bool:
+        return self.init not in ("random", "vocab")
+
+    def to_dict(self) -> dict[str, Any]:
+        data = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "tokenizer"}
+        data["method"] = self.method
+        return data
+
+
+@dataclass
+class PTuningConfig(PromptConfig):
+    """P-tuning: the virtual tokens come out of a prompt encoder (``"mlp"`` or ``"lstm"``), as in
+    "GPT Understands, Too"; only the encoder and its input embeddings train. Merge folds the
+    encoder's output to constants."""
+
+    encoder: str = "mlp"
+    encoder_hidden_size: int | None = None  # None: the model's hidden size
+    encoder_num_layers: int = 2
+    encoder_dropout: float = 0.0
+
+    method = "ptuning"
+    _aliases = {
+        "encoder_reparameterization_type": "encoder",
+        "prompt_tuning_init": "init",
+        "prompt_tuning_init_text": "init",
+    }
+
+    @classmethod
+    def from_options(cls, **options: Any) -> Any:
+        if isinstance(options.get("encoder_reparameterization_type"), str):
+            options["encoder_reparameterization_type"] = options["encoder_reparameterization_type"].lower()
+        return super().from_options(**options)
+
+    def validate(self) -> None:
+        super().validate()
+        if self.encoder not in ("mlp", "lstm"):
+            raise ConfigError(f"encoder must be 'mlp' or 'lstm', got {self.encoder!r}")
+        if self.encoder_hidden_size is not None:
+            _check_positive_int(self.encoder_hidden_size, "encoder_hidden_size")
+        _check_positive_int(self.encoder_num_layers, "encoder_num_layers")
+        _check_dropout(self.encoder_dropout, "encoder_dropout")
+
+
+@dataclass
+class PrefixConfig:
+    """Prefix tuning (P-Tuning v2): ``num_virtual_tokens`` learned keys and values prepended in
+    every attention, visible to every query. ``prefix_projection`` learns them through a
+    two-layer MLP (``encoder_hidden_size`` wide), as in the prefix-tuning paper."""
+
+    num_virtual_tokens: int = 20
+    prefix_projection: bool = False
+    encoder_hidden_size: int | None = None
+    shift_positions: bool = True  # real tokens' position ids start after the prefix, as in PEFT
+
+    method = "prefix"
+
+    @classmethod
+    def from_options(cls, **options: Any) -> Any:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(options) - known)
+        if unknown:
+            raise ConfigError(f"unknown prefix option {unknown[0]!r}; known options: {', '.join(sorted(known))}")
+        config = cls(**options)
+        config.validate()
+        return config
+
+    def validate(self) -> None:
+        _check_positive_int(self.num_virtual_tokens, "num_virtual_tokens")
+        if not isinstance(self.prefix_projection, bool):
+            raise ConfigError(f"prefix_projection must be True or False, got {self.prefix_projection!r}")
+        if self.encoder_hidden_size is not None:
+            _check_positive_int(self.encoder_hidden_size, "encoder_hidden_size")
+        if not isinstance(self.shift_positions, bool):
+            raise ConfigError(f"shift_positions must be True or False, got {self.shift_positions!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data["method"] = self.method
+        return data
+
+
+def _check_dropout(value: Any, what: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
+        raise ConfigError(f"{what} must be in [0, 1), got {value!r}")
+
+
+CONFIG_TYPES = (LoraConfig, PromptConfig, PTuningConfig, PrefixConfig)
+_BY_METHOD = {"lora": LoraConfig, "prompt": PromptConfig, "ptuning": PTuningConfig, "prefix": PrefixConfig}
+# PEFT's peft_type spellings.
+_METHOD_ALIASES = {"prompt_tuning": "prompt", "p_tuning": "ptuning", "prefix_tuning": "prefix"}
+
+
+def make_config(method_or_config: Any, options: dict[str, Any]) -> Any:
     """The config for ``inject``'s second argument: a method name with options, or a config object."""
-    if isinstance(method_or_config, LoraConfig):
+    if isinstance(method_or_config, CONFIG_TYPES):
         if options:
             raise ConfigError(
-                f"got a LoraConfig and keyword options {sorted(options)}; put the options in the config"
+                f"got a {type(method_or_config).__name__} and keyword options {sorted(options)}; put the options in the config"
             )
         method_or_config.validate()
         return method_or_config
@@ -147,9 +290,7 @@ def make_config(method_or_config: Any, options: dict[str, Any]) -> LoraConfig:
             f"method must be a method name ({', '.join(KNOWN_METHODS)}) or a config object, "
             f"got {type(method_or_config).__name__}"
         )
-    method = method_or_config.lower()
-    if method == "lora":
-        return LoraConfig.from_options(**options)
-    if method in PLANNED_METHODS:
-        raise ConfigError(f"method {method!r} is not available in this version yet; available: {', '.join(KNOWN_METHODS)}")
+    method = _METHOD_ALIASES.get(method_or_config.lower(), method_or_config.lower())
+    if method in _BY_METHOD:
+        return _BY_METHOD[method].from_options(**options)
     raise ConfigError(f"unknown method {method_or_config!r}; known methods: {', '.join(KNOWN_METHODS)}")

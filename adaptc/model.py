@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -57,6 +58,10 @@ class AdaptedModel(nn.Module):
         self._adapter_sites: dict[str, list] = {}
         self._adapter_configs: dict[str, Any] = {}
         self._active: list[str] = []
+        # Capture-time edits of the prompt methods (virtual tokens, shifted positions), by adapter.
+        # Graphs are cached per set of edits in force, since the edits change shapes.
+        self._edits: dict[str, Any] = {}
+        self._edits_disabled: set[str] = set()
         self.train(model.training)  # start in the mode the model was in, like the model
         self._register_graph(graph)
 
@@ -74,16 +79,34 @@ class AdaptedModel(nn.Module):
             raise ConfigError(f"adapter name must be an identifier such as 'default' or 'task_a', got {name!r}")
         if name in self.adapters:
             raise ConfigError(f"adapter {name!r} already exists; delete_adapter({name!r}) first or pick another name")
-        config, sites, layers, graph_pass = build_adapter(self, name, config if config is not None else "lora", options)
-        self.adapters[name] = nn.ModuleDict(layers)
-        self._passes[name] = graph_pass
-        self._adapter_sites[name] = sites
-        self._adapter_configs[name] = config
-        for graph in self._all_graphs():
-            graph.transform_graphs(graph_pass, remember=False)
+        built = build_adapter(self, name, config if config is not None else "lora", options)
+        if built.prompt_method:
+            present = [n for n, c in self._adapter_configs.items() if getattr(c, "method", "lora") != "lora"]
+            if present:
+                raise ConfigError(
+                    f"this model already has the {self._adapter_configs[present[0]].method!r} adapter {present[0]!r}; "
+                    "one prompt-method adapter (prompt, ptuning or prefix) per model: delete it first or "
+                    "inject into a fresh model"
+                )
+        self.adapters[name] = nn.ModuleDict(built.layers)
+        if built.graph_pass is not None:
+            self._passes[name] = built.graph_pass
+        if built.edit is not None:
+            self._edits[name] = built.edit
+        self._adapter_sites[name] = built.sites
+        self._adapter_configs[name] = built.config
+        if built.graph_pass is not None:
+            for graph in self._all_graphs():
+                graph.transform_graphs(built.graph_pass, remember=False)
         for p in self.base_model.parameters():
             p.requires_grad_(False)
         self.set_adapter(name)
+        if built.edit is not None:
+            try:  # capture with the edit now, so a model it does not suit fails here, not on first use
+                self.graph_for(self._example_inputs)
+            except Exception:
+                self.delete_adapter(name)
+                raise
 
     def set_adapter(self, names: str | list[str]) -> None:
         """Make ``names`` the active adapter(s): only their parameters train and apply."""
@@ -102,34 +125,44 @@ class AdaptedModel(nn.Module):
         """Remove an adapter: its nodes leave every graph and its parameters are dropped."""
         if name not in self.adapters:
             raise ConfigError(f"unknown adapter {name!r}; this model has: {', '.join(self.adapters)}")
-        prefix = f"{ADAPTERS_ATTR}.{name}."
+        from adaptc.passes import prefix as prefix_pass
+
+        target = f"{ADAPTERS_ATTR}.{name}."
 
         def remove(gm: CapturedGraphModule) -> None:
+            prefix_pass.remove(gm, target)
             for node in list(gm.graph.nodes):
-                if node.op == "call_module" and node.target.startswith(prefix):
+                if node.op == "call_module" and node.target.startswith(target):
                     node.replace_all_uses_with(node.args[1])  # args: (x, base output, weight, bias)
                     gm.graph.erase_node(node)
 
         for graph in self._all_graphs():
             graph.transform_graphs(remove, remember=False)
+        for key in [k for k in self._graphs if name in k[1]]:  # graphs captured with its edit
+            del self._graphs[key]
         del self.adapters[name]
-        for table in (self._passes, self._adapter_sites, self._adapter_configs):
-            table.pop(name)
+        for table in (self._passes, self._adapter_sites, self._adapter_configs, self._edits):
+            table.pop(name, None)
         self._active = [n for n in self._active if n != name]
 
     @contextlib.contextmanager
-    def disable_adapters(self) -> Iterator[None]:
-        """Within the block the model computes exactly the base model's outputs."""
-        saved = {id(layer): layer.active for layers in self.adapters.values() for layer in layers.values()}
+    def disable_adapters(self, names: list[str] | None = None) -> Iterator[None]:
+        """Within the block the model computes exactly the base model's outputs (``names``: only
+        those adapters are switched off)."""
+        chosen = {n: layers for n, layers in self.adapters.items() if names is None or n in names}
+        saved = {id(layer): layer.active for layers in chosen.values() for layer in layers.values()}
+        saved_edits = set(self._edits_disabled)
         try:
-            for layers in self.adapters.values():
+            for layers in chosen.values():
                 for layer in layers.values():
                     layer.active = False
+            self._edits_disabled |= set(chosen)
             yield
         finally:
-            for layers in self.adapters.values():
+            for layers in chosen.values():
                 for layer in layers.values():
                     layer.active = saved[id(layer)]
+            self._edits_disabled = saved_edits
 
     def add_weighted_adapter(
         self,
@@ -197,21 +230,40 @@ class AdaptedModel(nn.Module):
         for graph_pass in self._passes.values():
             graph_pass(graph)
 
-    def _register_graph(self, graph: CapturedGraphModule) -> None:
+    def _register_graph(self, graph: CapturedGraphModule, edits: tuple[str, ...] = ()) -> None:
         setattr(graph, ADAPTERS_ATTR, self.adapters)
         graph.transform_graphs(self._apply_adapter_passes)
-        self._graphs.setdefault(graph._adaptc_inputs.structure_key(), []).append(graph)
+        self._graphs.setdefault((graph._adaptc_inputs.structure_key(), edits), []).append(graph)
+
+    def _edits_in_force(self) -> tuple[str, ...]:
+        return tuple(n for n in self._edits if n in self._active and n not in self._edits_disabled)
+
+    @contextlib.contextmanager
+    def _capture_context(self, edits: tuple[str, ...]) -> Iterator[None]:
+        """Around a capture: the adapters reachable from the model (the edits' hooks read their
+        parameters, and export must see them as the model's), and the edits' hooks installed."""
+        model = self.base_model
+        model.add_module(ADAPTERS_ATTR, self.adapters)
+        try:
+            with contextlib.ExitStack() as stack:
+                for name in edits:
+                    stack.enter_context(self._edits[name].applied(model))
+                yield
+        finally:
+            del model._modules[ADAPTERS_ATTR]
 
     def graph_for(self, inputs: Inputs) -> CapturedGraphModule:
         """The captured graph that runs these inputs in the current mode, capturing one if needed."""
-        candidates = self._graphs.get(inputs.structure_key(), [])
+        edits = self._edits_in_force()
+        candidates = self._graphs.get((inputs.structure_key(), edits), [])
         for graph in candidates:
             if graph.training != self.training:
                 graph.train(self.training)
             if graph.accepts(inputs):
                 return graph
-        graph = CapturedGraphModule.build(self.base_model, inputs, self.training)
-        self._register_graph(graph)
+        graph = CapturedGraphModule.build(self.base_model, inputs, self.training,
+                                          around=functools.partial(self._capture_context, edits))
+        self._register_graph(graph, edits)
         return graph
 
     @property
