@@ -10,7 +10,7 @@ from typing import Any
 from .api import inject, inspect_sites
 from .capture import CapturedGraphModule, capture
 from .checkpoint import load_adapter
-from .config import LoraConfig
+from .config import LoraConfig, PrefixConfig, PromptConfig, PTuningConfig
 from .errors import (
     AdaptcError,
     CaptureError,
@@ -21,6 +21,7 @@ from .errors import (
     MergeError,
     TargetError,
 )
+from .generate import generate
 from .model import AdaptedModel
 
 
@@ -57,9 +58,13 @@ __all__ = [
     "InputError",
     "LoraConfig",
     "MergeError",
+    "PTuningConfig",
+    "PrefixConfig",
+    "PromptConfig",
     "TargetError",
     "capture",
     "export_onnx",
+    "generate",
     "inject",
     "inspect_sites",
     "load_adapter",

@@ -88,7 +88,9 @@ def _serialize(am: Any, name: str) -> tuple[bytes, bytes]:
 
     config = am.adapter_configs()[name]
     if not isinstance(config, LoraConfig):
-        raise CheckpointError(f"adapter {name!r} is a {type(config).__name__}; only LoRA adapters can be saved yet")
+        from . import prompt_checkpoint
+
+        return prompt_checkpoint.serialize(am, name, _digest, _config_dict)
     sites = am.adapter_sites(name)
     tensors: dict[str, torch.Tensor] = {}
     peft_rank: dict[str, int] = {}
@@ -420,6 +422,11 @@ def load_into(am: Any, directory: str | os.PathLike, adapter_name: str = DEFAULT
 def _load_checkpoint(am: Any, ckpt: Checkpoint, adapter_name: str) -> None:
     from adaptc.passes.sites import site_key
 
+    from . import prompt_checkpoint
+
+    if prompt_checkpoint.is_prompt_checkpoint(ckpt.config):
+        prompt_checkpoint.load(am, ckpt, adapter_name)
+        return
     config, plans = plan_load(am, ckpt)
     differ = [f"{n}: {r}" for n, p in plans.items() if (r := peft_difference(p.site, config.use_dora))]
     if differ and "adaptc" not in ckpt.config:  # a PEFT-trained adapter

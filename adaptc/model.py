@@ -138,8 +138,7 @@ class AdaptedModel(nn.Module):
 
         for graph in self._all_graphs():
             graph.transform_graphs(remove, remember=False)
-        for key in [k for k in self._graphs if name in k[1]]:  # graphs captured with its edit
-            del self._graphs[key]
+        self._forget_graphs(name)
         del self.adapters[name]
         for table in (self._passes, self._adapter_sites, self._adapter_configs, self._edits):
             table.pop(name, None)
@@ -234,6 +233,11 @@ class AdaptedModel(nn.Module):
         setattr(graph, ADAPTERS_ATTR, self.adapters)
         graph.transform_graphs(self._apply_adapter_passes)
         self._graphs.setdefault((graph._adaptc_inputs.structure_key(), edits), []).append(graph)
+
+    def _forget_graphs(self, name: str) -> None:
+        """Drop the graphs captured with adapter ``name``'s edit (they traced its computation)."""
+        for key in [k for k in self._graphs if name in k[1]]:
+            del self._graphs[key]
 
     def _edits_in_force(self) -> tuple[str, ...]:
         return tuple(n for n in self._edits if n in self._active and n not in self._edits_disabled)

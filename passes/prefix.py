@@ -32,6 +32,7 @@ class PrefixEncoder(nn.Module):
 
     def __init__(self, num_virtual_tokens: int, hidden: int, width: int, out_features: int) -> None:
         super().__init__()
+        self.active = True
         self.embedding = nn.Embedding(num_virtual_tokens, hidden)
         self.transform = nn.Sequential(nn.Linear(hidden, width), nn.Tanh(), nn.Linear(width, out_features))
 
@@ -62,11 +63,21 @@ class PrefixLayer(nn.Module):
         encoder = self._encoder[0]
         if encoder is None:
             return self.key, self.value
-        rows = encoder()[:, self.offset: self.offset + self.numel]  # [P, kv_heads * (head_dim + value_dim)]
+        rows = encoder()[:, self.offset: self.offset + self.numel // self.tokens]  # [P, kv_heads * (head_dim + value_dim)]
         k_size = self.kv_heads * self.head_dim
         key = rows[:, :k_size].reshape(self.tokens, self.kv_heads, self.head_dim).transpose(0, 1)
         value = rows[:, k_size:].reshape(self.tokens, self.kv_heads, self.value_dim).transpose(0, 1)
         return key, value
+
+    @torch.no_grad()
+    def fold(self) -> None:
+        """Keep the current keys and values as constants (merge): no parameters, no encoder."""
+        key, value = (t.detach().clone() for t in self.prefix())
+        for name in ("key", "value"):
+            self._parameters.pop(name, None)
+        self._encoder = [None]
+        self.register_buffer("key", key)
+        self.register_buffer("value", value)
 
     def forward(self, q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
         if not self.active:

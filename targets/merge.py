@@ -12,8 +12,9 @@ computes what the adapted graph computed:
 A weight that is shared (GPT-2's ``wte`` is ``lm_head``'s weight) is refused: folding an
 embedding update into it would change the head too.
 
-LoRA only: prompt methods do not exist yet; folding their virtual tokens / prefixes in as
-constants comes with the issue that adds them.
+Prompt methods have no weight to fold into: their virtual tokens (P-tuning: the encoder's
+output, evaluated once) and prefixes become constant buffers of the AdaptedModel, which then
+has no trainable parameter and keeps running its captured graph.
 """
 
 from __future__ import annotations
@@ -53,14 +54,21 @@ def _owners(model: nn.Module, param: nn.Parameter) -> list[str]:
 def _site_users(am, param: nn.Parameter) -> set[str]:
     """Names of every site (adapted or not) whose op reads ``param``."""
     model = am.base_model
-    sites = list(am.all_sites) + [s for name in am.adapters for s in am.adapter_sites(name)]
+    sites = list(am.all_sites) + [s for name in lora_adapters(am) for s in am.adapter_sites(name)]
     return {s.name for s in sites if model.get_parameter(s.weight) is param}
+
+
+def lora_adapters(am, names: list[str] | None = None) -> list[str]:
+    """The LoRA adapters among ``names`` (default: all), in the model's order."""
+    configs = am.adapter_configs()
+    return [n for n in am.adapters if (names is None or n in names) and configs[n].method == "lora"]
 
 
 def plan(am, names: list[str]) -> list[WeightMerge]:
     """What merging adapters ``names`` would write, checked before anything changes."""
     from adaptc.passes.sites import site_key
 
+    names = lora_adapters(am, names)
     model = am.base_model
     by_weight: dict[int, WeightMerge] = {}
     # The adapter added last wraps the op first (see passes/lora.insert), so it folds first.
@@ -134,16 +142,41 @@ def merge(am, safe: bool = False) -> nn.Module:
     twice); inactive adapters stay. ``safe=True`` computes every merged weight first and
     refuses, changing nothing, if any holds NaN or inf.
     """
-    names = [n for n in am.active_adapters if n in am.adapters]
+    active = [n for n in am.active_adapters if n in am.adapters]
+    names = lora_adapters(am, active)
+    prompts = [n for n in active if n not in names]
     entries = plan(am, names)  # raises before any weight is written
     if safe:
         _check_finite(entries)  # computed twice rather than holding a copy of every weight
+        _check_prompts_finite(am, prompts)
     with torch.no_grad():
         for entry in entries:
             entry.weight.copy_(merged_weight(entry))
     for name in names:
         am.delete_adapter(name)
-    return am.base_model
+    if not prompts:
+        return am.base_model
+    for name in prompts:
+        fold_prompt_adapter(am, name)
+    return am
+
+
+def _check_prompts_finite(am, names: list[str]) -> None:
+    for name in names:
+        for pname, param in am.adapters[name].named_parameters():
+            if not torch.isfinite(param).all():
+                raise MergeError(f"adapter {name!r} holds NaN or inf in {pname}; nothing was changed")
+
+
+def fold_prompt_adapter(am, name: str) -> None:
+    """Turn a prompt-method adapter into constants: nothing of it trains any more."""
+    layers = am.adapters[name]
+    for layer in list(layers.values()):
+        if hasattr(layer, "fold"):
+            layer.fold()
+    if "prefix_encoder" in layers:  # every prefix layer now holds its own constants
+        del layers["prefix_encoder"]
+    am._forget_graphs(name)  # graphs that traced the prompt's computation are captured again
 
 
 @contextlib.contextmanager
@@ -153,12 +186,13 @@ def merged_weights(am) -> Iterator[list[WeightMerge]]:
     The user's objects come back exactly (the original tensors are put back, not un-merged
     by subtraction), so export can lower a merged model without consuming the AdaptedModel.
     """
-    entries = plan(am, [n for n in am.active_adapters if n in am.adapters])
+    names = lora_adapters(am, am.active_adapters)
+    entries = plan(am, names)
     originals = [entry.weight.data for entry in entries]
     try:
         for entry in entries:
             entry.weight.data = merged_weight(entry)
-        with am.disable_adapters():
+        with am.disable_adapters(lora_adapters(am)):  # prompt methods stay on: the graph carries them
             yield entries
     finally:
         for entry, original in zip(entries, originals):
