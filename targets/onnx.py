@@ -389,6 +389,13 @@ def export_onnx(
         raise InputError(f"export_onnx takes an AdaptedModel (from adaptc.inject), got {type(am).__name__}")
     target = check_path(path)
     _check_options(merge, quantize, opset, atol)
+    prompt_methods = [n for n, c in am.adapter_configs().items() if c.method != "lora"]
+    if prompt_methods and not merge:
+        raise ExportError(
+            f"adapter {prompt_methods[0]!r} is a {am.adapter_configs()[prompt_methods[0]].method!r} adapter: "
+            "merge=False (hot-swappable ORT adapter files) is for LoRA only, since virtual tokens change the "
+            "graph's shapes; export it with merge=True"
+        )
     inputs = normalize_inputs(example_inputs) if example_inputs is not None else am.example_inputs
     external = _weights_bytes(am) > EXTERNAL_DATA_BYTES if external_data is None else bool(external_data)
     try:
@@ -409,6 +416,7 @@ def _export(am, target: Path, workdir: Path, inputs: Inputs, merge: bool, optimi
     stage.mkdir()
     final = workdir / target.name
     graph = am.graph_for(inputs)
+    prompt_methods = [n for n, c in am.adapter_configs().items() if c.method != "lora"]
     slots = [] if merge else _slots(am)
     names = input_names(am.base_model, inputs)
     lowering = merged_weights(am) if merge else _every_layer_live(am)
@@ -419,7 +427,7 @@ def _export(am, target: Path, workdir: Path, inputs: Inputs, merge: bool, optimi
         shapes = [{axis: torch.export.Dim.AUTO for axis in range(t.dim())} for t in example]
         shapes += [{s.rank_axis: torch.export.Dim.AUTO} if s.rank_axis is not None else None for s in slots]
         model = _torch_export(flat, example + [s.value for s in slots], shapes, names + [s.input_name for s in slots], outs, opset)
-        if merge:  # PyTorch eager: the merged model being deployed, as the user would run it
+        if merge and not prompt_methods:  # PyTorch eager: the merged model being deployed, as the user would run it
             torch_ms = rt.median_ms(lambda: am.base_model(*inputs.args, **inputs.kwargs), runs)
         # Saved inside the block: the exported initializers still read the (merged) parameters lazily.
         axes = _name_dims(model, example, slots)
@@ -428,7 +436,7 @@ def _export(am, target: Path, workdir: Path, inputs: Inputs, merge: bool, optimi
         rt.save(model, stage / "exported.onnx" if optimize else final, external)
         del model
         fusions = _optimize(stage, final, external) if optimize else {}
-    if not merge:
+    if not merge or prompt_methods:  # prompts live in the adapted model's graph, not in the base model
         torch_ms = rt.median_ms(lambda: am(*inputs.args, **inputs.kwargs), runs)
     shutil.rmtree(stage)
 
