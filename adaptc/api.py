@@ -103,10 +103,13 @@ def _build_lora(adapted: AdaptedModel, config: LoraConfig, prefix: str) -> Adapt
 
 def _build_prefix(adapted: AdaptedModel, config: Any, prefix: str) -> AdapterBuild:
     from adaptc.passes import prefix as prefix_pass
+    from adaptc.passes.attention import canonicalize
     from adaptc.passes.sequence import find_attention_sites
     from adaptc.passes.sites import site_key
 
     model = adapted.base_model
+    for graph in adapted._all_graphs():  # unfused attention (matmul, softmax, matmul) becomes one op
+        graph.transform_graphs(canonicalize, remember=False)
     sites = find_attention_sites(adapted.graph_module)
     if not sites:
         raise TargetError(

@@ -130,6 +130,9 @@ _SDPA_ARGS = ("attn_mask", "dropout_p", "is_causal")
 
 def insert(gm: fx.GraphModule, layers: dict[str, str]) -> int:
     """Replace each selected attention op by a call of its prefix layer (``layers``: site -> module target)."""
+    from .attention import canonicalize
+
+    canonicalize(gm)  # unfused attention becomes one op first
     count = 0
     for name, node in attention_nodes(gm).items():
         if name not in layers:

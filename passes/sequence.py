@@ -186,7 +186,13 @@ def _placeholder_input_name(placeholder: fx.Node, model: nn.Module, inputs: Inpu
 
 
 def _first_attention(gm: fx.GraphModule) -> fx.Node | None:
-    return next((n for n in gm.graph.nodes if is_attention(n)), None)
+    """The first attention op: a fused one, or the q @ k^T matmul of an unfused one (both take q first)."""
+    from .attention import _MATMUL, _match
+
+    for node in gm.graph.nodes:
+        if is_attention(node) or (node.op == "call_function" and node.target in _MATMUL and _match(node)):
+            return node
+    return None
 
 
 def _query_projection_input(attention: fx.Node) -> fx.Node | None:

@@ -350,3 +350,28 @@ def test_bad_prompt_options(options, match):
     method = "ptuning" if "encoder" in options else "prompt"
     with pytest.raises(adaptc.ConfigError, match=match):
         adaptc.inject(gpt2(), method, example_inputs={"input_ids": token_ids(1, 4)}, **options)
+
+
+def test_unfused_attention_gets_the_same_prefix():
+    """transformers' eager attention (matmul, scale, mask, softmax, dropout, matmul) is matched too:
+    with the same prefix it computes what the SDPA model computes."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    def build(impl: str) -> nn.Module:
+        torch.manual_seed(0)
+        return GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_positions=64, n_embd=32, n_layer=2, n_head=4,
+                                          attn_implementation=impl)).eval()
+
+    fused, unfused = build("sdpa"), build("eager")
+    batch = _padded_batch()
+    a = adaptc.inject(fused, "prefix", example_inputs=batch, num_virtual_tokens=V)
+    b = adaptc.inject(unfused, "prefix", example_inputs=batch, num_virtual_tokens=V)
+    assert [s.name for s in b.sites] == ["transformer.h.0.attn", "transformer.h.1.attn"]
+    assert not any("softmax" in str(n.target) for n in b.graph_module.graph.nodes)
+    b.adapters.load_state_dict(a.adapters.state_dict())
+    with torch.no_grad():
+        real = batch["attention_mask"].bool()
+        expected, got = a(**batch).logits[real], b(**batch).logits[real]
+        base = unfused(**batch).logits[real]
+    assert (got - base).abs().max() > 1e-3
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
