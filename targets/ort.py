@@ -34,10 +34,13 @@ def fuse(model: ir.Model) -> tuple[ir.Model, dict[str, int]]:
 
     from onnxscript.rewriter.ort_fusions import optimize_for_ort
 
+    from .flat_gemm import unflatten_gemms
+
     quiet = logging.getLogger("onnx_ir")
     level = quiet.level
     quiet.setLevel(logging.ERROR)  # it warns for every LoRA input it must not deduplicate
     try:
+        unflatten_gemms(model)  # GPT-2's Conv1D: without it the attention fusion breaks the graph
         model, counts = optimize_for_ort(model)
     finally:
         quiet.setLevel(level)

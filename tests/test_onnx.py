@@ -83,6 +83,9 @@ def test_gpt2_merged_export_matches_the_adapted_model(gpt2_export):
     assert report.dynamic_axes["input_ids"] == {0: "batch", 1: "sequence"}
     assert str(path) in report.files and report.files[str(path)] == os.path.getsize(path)
     assert report.fused_ops  # ORT fused at least something (SkipLayerNormalization, FastGelu, ...)
+    # GPT-2's Conv1D exports as Reshape -> Gemm -> Reshape; targets/flat_gemm.py lets attention fuse anyway.
+    assert report.fused_ops.get("MultiHeadAttention", 0) + report.fused_ops.get("Attention", 0) == 2, report.fused_ops
+    assert not any("skipped" in name for name in report.fusions), report.fusions
     # Our own check at yet another shape: ORT vs the adapted model in PyTorch.
     check = gpt2_inputs(4, 5)
     (logits,) = session_outputs(str(path), {"input_ids": check["input_ids"].numpy()})
