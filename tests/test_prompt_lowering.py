@@ -11,7 +11,7 @@ import warnings
 import peft
 import pytest
 import torch
-from test_models import gpt2, images, token_ids, vit
+from test_models import bert, gpt2, images, token_ids, vit
 
 import adaptc
 
@@ -52,18 +52,22 @@ def test_save_load_and_peft_reads_it(tmp_path, method, options):
     torch.testing.assert_close(logits if method == "prefix" else logits[:, V:], expected, atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("method", ["prompt", "ptuning"])
+@pytest.mark.parametrize("method", ["prompt", "ptuning", pytest.param("prefix", marks=pytest.mark.slow)])
 def test_loads_peft_checkpoints(tmp_path, method):
     torch.manual_seed(0)
     model = gpt2().eval()
     ids = token_ids(2, 8)
-    config = (peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=V) if method == "prompt"
-              else peft.PromptEncoderConfig(task_type="CAUSAL_LM", num_virtual_tokens=V, encoder_hidden_size=16))
+    config = {
+        "prompt": lambda: peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=V),
+        "ptuning": lambda: peft.PromptEncoderConfig(task_type="CAUSAL_LM", num_virtual_tokens=V, encoder_hidden_size=16),
+        "prefix": lambda: peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=V),
+    }[method]()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         theirs = peft.get_peft_model(model, config).eval()
         with torch.no_grad():
-            expected = theirs(input_ids=ids).logits[:, V:]
+            expected = theirs(input_ids=ids).logits
+            expected = expected if method == "prefix" else expected[:, V:]
         theirs.save_pretrained(tmp_path)
         theirs.base_model  # noqa: B018 - PEFT's prompt wrappers leave the base model's modules unchanged
         am = adaptc.load_adapter(model, tmp_path, example_inputs={"input_ids": ids})
@@ -89,6 +93,33 @@ def test_merge_folds_to_constants_and_exports(tmp_path):
     report = adaptc.export_onnx(merged, tmp_path / "vit.onnx")
     assert max(report.parity.values()) <= 1e-4
     assert (tmp_path / "vit.onnx").is_file()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method,build", [("prefix", gpt2), ("prompt", bert)], ids=["gpt2-prefix", "bert-prompt"])
+def test_text_models_export(tmp_path, method, build):
+    torch.manual_seed(0)
+    model = build().eval()
+    ids = token_ids(2, 8)
+    am = adaptc.inject(model, method, example_inputs={"input_ids": ids}, num_virtual_tokens=V)
+    _randomize(am)
+    report = adaptc.export_onnx(am.merge(), tmp_path / "m.onnx")
+    assert max(report.parity.values()) <= 1e-4
+
+
+def test_prompt_init_from_vocabulary_and_text():
+    torch.manual_seed(0)
+    model = gpt2().eval()
+    table = model.transformer.wte.weight
+    ids = token_ids(2, 8)
+    am = adaptc.inject(model, "prompt", example_inputs={"input_ids": ids}, num_virtual_tokens=5, init="vocab")
+    prompt = am.adapters["default"]["prompt"].embedding.weight
+    assert all(any(torch.equal(row, t) for t in table) for row in prompt)  # every row is a token's embedding
+    text_ids = [7, 3]  # a tokenizer: text -> ids; the text's embeddings repeat to fill the prompt
+    am = adaptc.inject(model, "prompt", example_inputs={"input_ids": ids}, num_virtual_tokens=5,
+                       init="hello world", tokenizer=lambda text: text_ids)
+    prompt = am.adapters["default"]["prompt"].embedding.weight
+    torch.testing.assert_close(prompt, table[[7, 3, 7, 3, 7]], atol=0, rtol=0)
 
 
 def test_unmerged_export_is_refused_for_prompt_methods(tmp_path):
