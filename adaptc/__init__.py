@@ -22,6 +22,7 @@ from .errors import (
     TargetError,
 )
 from .model import AdaptedModel
+from .passes.quantize import QuantConfig, quantize_model
 
 
 def export_onnx(
@@ -57,10 +58,12 @@ __all__ = [
     "InputError",
     "LoraConfig",
     "MergeError",
+    "QuantConfig",
     "TargetError",
     "capture",
     "export_onnx",
     "inject",
     "inspect_sites",
     "load_adapter",
+    "quantize_model",
 ]
