@@ -406,10 +406,11 @@ def export_onnx(
 
 def _full_precision(am, inputs: Inputs, merge: bool):
     """A quantized base (QLoRA) is exported merged, in full precision: a merged fp copy, captured anew."""
-    from adaptc.capture import capture
-    from adaptc.model import AdaptedModel
     from adaptc.passes.quantize import quantized_modules
     from adaptc.passes.sites import find_sites
+
+    from adaptc.capture import capture
+    from adaptc.model import AdaptedModel
 
     from .merge import merged_copy
 

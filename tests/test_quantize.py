@@ -15,12 +15,12 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
+from adaptc.passes import quantize as q
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import adaptc
 from adaptc.errors import ConfigError, ExportError
-from adaptc.passes import quantize as q
 
 VOCAB = 64
 # bitsandbytes' NF4 table (functional.py), as published with the QLoRA paper (its delta is rounded to 0.9677083).
@@ -200,7 +200,8 @@ def test_save_and_load_adapter_on_a_quantized_base(trained, tmp_path) -> None:
         torch.testing.assert_close(loaded(**inputs).logits, am(**inputs).logits, atol=1e-6, rtol=1e-6)
 
 
-def test_onnx_export_of_the_merged_quantized_model(trained, tmp_path) -> None:
+@pytest.mark.slow
+def test_onnx_export_of_the_merged_quantized_llama(trained, tmp_path) -> None:
     am, inputs = trained["am"], trained["inputs"]
     report = adaptc.export_onnx(am, tmp_path / "qlora.onnx", optimize=False, latency_runs=1)
     assert max(report.parity.values()) <= 1e-4
@@ -310,3 +311,22 @@ def test_failed_inject_puts_the_linear_layers_back() -> None:
     with pytest.raises(adaptc.InputError):
         adaptc.inject(model, "lora", example_inputs=(torch.randn(2, 7),), quantize="nf4")  # wrong input size
     assert type(model.up) is nn.Linear and type(model.down) is nn.Linear
+
+
+def test_onnx_export_of_a_merged_nf4_model(tmp_path) -> None:
+    model = MLP()
+    x = torch.randn(4, 100)
+    am = adaptc.inject(model, "lora", example_inputs=(x,), r=4, targets=["up", "down"], quantize="nf4")
+    with torch.no_grad():
+        for p in am.adapters.parameters():
+            p.add_(torch.randn_like(p) * 0.1)  # a non-zero update to merge
+    report = adaptc.export_onnx(am, tmp_path / "mlp.onnx", optimize=False, latency_runs=1)
+    assert max(report.parity.values()) <= 1e-4
+    assert isinstance(model.up, q.QuantLinear)  # export merges into a copy; the user's model is untouched
+    session = ort.InferenceSession(str(tmp_path / "mlp.onnx"), providers=["CPUExecutionProvider"])
+    fresh = torch.randn(3, 100)
+    (got,) = session.run(None, {session.get_inputs()[0].name: fresh.numpy()})
+    with torch.no_grad():
+        np.testing.assert_allclose(got, am(fresh).numpy(), atol=1e-5, rtol=1e-5)  # vs the unmerged NF4 model
+    with pytest.raises(ExportError, match="quantized base"):
+        adaptc.export_onnx(am, tmp_path / "u.onnx", merge=False)
