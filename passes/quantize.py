@@ -228,17 +228,23 @@ class QuantLinear(nn.Module):
     instead of silently computing with something else.
     """
 
-    def __init__(self, linear: nn.Linear, config: QuantConfig) -> None:
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, config: QuantConfig) -> None:
         super().__init__()
-        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.out_features, self.in_features = weight.shape
         self.format, self.block_size, self.double_quant = config.format, config.block_size, config.double_quant
-        self.orig_dtype = linear.weight.dtype
-        self.compute_dtype = config.compute_dtype or linear.weight.dtype
-        device = linear.weight.device
+        self.orig_dtype = weight.dtype
+        self.compute_dtype = config.compute_dtype or weight.dtype
+        device = weight.device
         self.register_buffer("code", nf4_codebook().to(device) if self.format == "nf4" else torch.zeros(0, device=device))
         self.weight = nn.Parameter(torch.empty(0, dtype=torch.uint8, device=device), requires_grad=False)
-        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
-        self.load_weight_(linear.weight)
+        self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
+        self.load_weight_(weight)
+
+    @classmethod
+    def from_module(cls, module: nn.Module, config: QuantConfig) -> QuantLinear:
+        """From an ``nn.Linear`` or transformers' ``Conv1D`` (GPT-2's projections, weight stored [in, out])."""
+        weight = module.weight.detach()
+        return cls(weight.T if _is_conv1d(module) else weight, module.bias, config)
 
     @torch.no_grad()
     def load_weight_(self, weight: torch.Tensor) -> None:
@@ -305,6 +311,18 @@ class QuantLinear(nn.Module):
 
 # --- the model-level pass -----------------------------------------------------------------------------
 
+def _is_conv1d(module: nn.Module) -> bool:
+    try:
+        from transformers.pytorch_utils import Conv1D
+    except ImportError:  # transformers is optional
+        return False
+    return type(module) is Conv1D
+
+
+def _eligible(module: nn.Module) -> bool:
+    return (type(module) is nn.Linear or _is_conv1d(module)) and module.weight.is_floating_point()
+
+
 def _skipped(model: nn.Module, config: QuantConfig) -> set[str]:
     """Names of linear modules left in full precision: the output head, tied weights, ``config.skip``."""
     skipped = set()
@@ -325,9 +343,9 @@ def _skipped(model: nn.Module, config: QuantConfig) -> set[str]:
 
 
 def quantize_model(model: nn.Module, quantize: Any = "nf4", **options: Any) -> list[tuple[nn.Module, str, nn.Module]]:
-    """Replace every eligible ``nn.Linear`` of ``model`` in place by a :class:`QuantLinear`.
+    """Replace every eligible linear layer of ``model`` in place by a :class:`QuantLinear`.
 
-    Eligible: exactly ``nn.Linear`` (subclasses such as ``nn.MultiheadAttention``'s
+    Eligible: exactly ``nn.Linear`` or transformers' ``Conv1D`` (subclasses such as ``nn.MultiheadAttention``'s
     ``out_proj`` are used functionally by their parent and are left), not the output head,
     not a shared weight, not in ``skip``. Returns ``(parent, attribute, original)`` for each
     replacement, which :func:`restore` puts back.
@@ -336,11 +354,11 @@ def quantize_model(model: nn.Module, quantize: Any = "nf4", **options: Any) -> l
     skipped = _skipped(model, config)
     replaced = []
     for name, module in list(model.named_modules()):
-        if type(module) is not nn.Linear or name in skipped or not module.weight.is_floating_point():
+        if not _eligible(module) or name in skipped:
             continue
         parent_name, _, attr = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, attr, QuantLinear(module, config))
+        setattr(parent, attr, QuantLinear.from_module(module, config))
         replaced.append((parent, attr, module))
     return replaced
 
@@ -378,7 +396,7 @@ def owner_of(model: nn.Module, weight_name: str) -> QuantLinear | None:
 
 
 def weight_bytes(model: nn.Module) -> dict[str, int]:
-    """Bytes held by linear weights: ``quantized`` (QuantLinear storage) and ``full`` (nn.Linear weights)."""
+    """Bytes held by linear weights: ``quantized`` (QuantLinear storage) and ``full`` (fp linear weights)."""
     quantized = sum(m.storage_bytes() for m in model.modules() if isinstance(m, QuantLinear))
-    full = sum(m.weight.numel() * m.weight.element_size() for m in model.modules() if type(m) is nn.Linear)
+    full = sum(m.weight.numel() * m.weight.element_size() for m in model.modules() if _eligible(m))
     return {"quantized": quantized, "full": full}

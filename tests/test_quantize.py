@@ -10,6 +10,7 @@ PyTorch.
 from __future__ import annotations
 
 import math
+import re
 
 import numpy as np
 import onnxruntime as ort
@@ -330,3 +331,49 @@ def test_onnx_export_of_a_merged_nf4_model(tmp_path) -> None:
         np.testing.assert_allclose(got, am(fresh).numpy(), atol=1e-5, rtol=1e-5)  # vs the unmerged NF4 model
     with pytest.raises(ExportError, match="quantized base"):
         adaptc.export_onnx(am, tmp_path / "u.onnx", merge=False)
+
+
+@pytest.mark.slow
+def test_cli_inject_quantize_nf4_on_gpt2_conv1d(capsys, tmp_path) -> None:
+    from pathlib import Path
+
+    from adaptc.cli import main
+
+    tiny = str(Path(__file__).resolve().parents[1] / "examples" / "tiny_gpt2.py")
+    assert main(["inject", tiny, "--method", "lora", "--quantize", "nf4", "--compute-dtype", "bf16", "-o", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    rows = [line for line in out.splitlines() if "adaptc.quant_linear" in line]
+    assert len(rows) == 8  # GPT-2's Conv1D projections (c_attn, c_proj, c_fc, mlp.c_proj) x 2 layers
+    assert re.search(r"quantized base: nf4 linear weights take [0-9.]+ MiB \(compute torch.bfloat16\)", out)
+    assert (tmp_path / "adapter_model.safetensors").is_file()
+
+
+def test_cli_rejects_an_unknown_format_before_building_the_model(capsys) -> None:
+    from pathlib import Path
+
+    from adaptc.cli import main
+
+    tiny = str(Path(__file__).resolve().parents[1] / "examples" / "tiny_gpt2.py")
+    assert main(["inject", tiny, "--quantize", "nf3"]) == 2
+    assert "invalid choice: 'nf3'" in capsys.readouterr().err
+
+
+def test_gpt2_conv1d_layers_quantize_to_the_transposed_weight() -> None:
+    from transformers import GPT2Config, GPT2LMHeadModel
+    from transformers.pytorch_utils import Conv1D
+
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=VOCAB, n_positions=16, n_embd=64, n_layer=1, n_head=4, bos_token_id=0, eos_token_id=0)
+    model, reference = GPT2LMHeadModel(config).eval(), GPT2LMHeadModel(config).eval()
+    reference.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        for module in reference.modules():
+            if isinstance(module, Conv1D):  # weight stored [in, out]: quantize it as the [out, in] linear weight
+                packed, absmax = q.quantize_nf4(module.weight.T)
+                module.weight.copy_(q.dequantize_nf4(packed, absmax, q.nf4_codebook(), tuple(module.weight.T.shape)).T)
+    replaced = adaptc.quantize_model(model, "nf4", double_quant=False)
+    assert len(replaced) == 4 and isinstance(model.transformer.h[0].attn.c_attn, q.QuantLinear)
+    assert model.lm_head.weight is model.transformer.wte.weight  # the tied head stays as it was
+    ids = torch.randint(0, VOCAB, (2, 8))
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, reference(ids).logits, atol=1e-5, rtol=1e-5)
