@@ -50,6 +50,11 @@ def inject(
     inputs = normalize_inputs(example_inputs)
     check_has_tensor(inputs)
     replaced = quant.quantize_model(model, quant_config) if quant_config else []
+    if quant_config and not quant.quantized_modules(model):
+        raise ConfigError(
+            f"quantize={quant_config.format!r}: {type(model).__name__} has no nn.Linear (or transformers Conv1D) layer "
+            "to quantize besides its output head; inject without quantize"
+        )
     try:
         graph = capture(model, inputs)
         adapted = AdaptedModel(model, graph, find_sites(graph, model))

@@ -352,7 +352,7 @@ def quantize_model(model: nn.Module, quantize: Any = "nf4", **options: Any) -> l
     not a shared weight, not in ``skip``. Returns ``(parent, attribute, original)`` for each
     replacement, which :func:`restore` puts back.
     """
-    config = quantize if isinstance(quantize, QuantConfig) and not options else make_quant_config(quantize, **options)
+    config = make_quant_config(quantize, **options)
     skipped = _skipped(model, config)
     replaced = []
     for name, module in list(model.named_modules()):

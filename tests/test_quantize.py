@@ -377,3 +377,9 @@ def test_gpt2_conv1d_layers_quantize_to_the_transposed_weight() -> None:
     ids = torch.randint(0, VOCAB, (2, 8))
     with torch.no_grad():
         torch.testing.assert_close(model(ids).logits, reference(ids).logits, atol=1e-5, rtol=1e-5)
+
+
+def test_quantize_with_nothing_to_quantize_is_a_clear_error() -> None:
+    model = nn.Sequential(nn.Embedding(10, 4))
+    with pytest.raises(ConfigError, match="no nn.Linear"):
+        adaptc.inject(model, "lora", example_inputs=(torch.tensor([[1, 2]]),), quantize="int8")
