@@ -7,7 +7,9 @@ with an fp32, int8 or NF4 frozen base (pure PyTorch, CPU).
 Each configuration runs in its own process so that memory figures do not mix. Peak training
 memory is the process's peak resident set size (VmHWM) over the training steps, reset just
 before them (Linux ``/proc/self/clear_refs``), so building the fp32 model before quantizing
-it does not count. Prints a table and writes bench/RESULTS-qlora.md.
+it does not count; glibc is told to return freed blocks to the system (``MALLOC_MMAP_THRESHOLD_``),
+or RSS would keep counting each layer's freed dequantized weight. Prints a table and writes
+bench/RESULTS-qlora.md.
 """
 
 from __future__ import annotations
@@ -22,6 +24,9 @@ import time
 from pathlib import Path
 
 CONFIGS = ("fp32", "int8", "nf4", "nf4-bf16")
+# A fixed mmap threshold: glibc otherwise raises it after each large free and keeps freed
+# blocks (a layer's dequantized weight) in the heap, so RSS would count memory no longer in use.
+MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0", "TRANSFORMERS_VERBOSITY": "error"}
 
 
 def _status_kib(field: str) -> int:
@@ -66,14 +71,24 @@ def run_one(name: str, args: argparse.Namespace) -> dict:
     param_bytes = sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
     optimizer = torch.optim.AdamW([p for p in am.parameters() if p.requires_grad], lr=1e-3)
 
+    saved: dict[int, int] = {}
+
+    def pack(tensor):  # what autograd keeps for the backward pass, by storage
+        storage = tensor.untyped_storage()
+        saved[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
     def step() -> float:
-        loss = am(**inputs).loss
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            loss = am(**inputs).loss
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
         return loss.item()
 
     first_loss = step()  # warm-up: the train-mode graph, optimizer state
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    saved_bytes = sum(n for ptr, n in saved.items() if ptr not in params)  # activations, not weights
     gc.collect()
     _reset_peak()
     rss_before = _status_kib("VmRSS")
@@ -92,6 +107,7 @@ def run_one(name: str, args: argparse.Namespace) -> dict:
         "rss_before_mib": rss_before / 1024,
         "peak_rss_mib": peak / 1024,
         "peak_above_steady_mib": (peak - rss_before) / 1024,
+        "saved_mib": saved_bytes / 2**20,
         "step_s": statistics.median(times),
         "loss_first": first_loss,
         "loss_last": losses[-1],
@@ -100,12 +116,12 @@ def run_one(name: str, args: argparse.Namespace) -> dict:
 
 def table(rows: list[dict]) -> str:
     head = ["config", "linear weights MiB", "x fp32", "all weights MiB", "RSS before steps MiB",
-            "peak RSS in steps MiB", "peak - before MiB", "step s", "loss first -> last"]
+            "peak RSS in steps MiB", "peak - before MiB", "saved for backward MiB", "step s", "loss first -> last"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         lines.append(
             f"| {r['config']} | {r['linear_weight_mib']:.1f} | {r['linear_ratio']:.3f} | {r['model_weight_mib']:.1f} | "
-            f"{r['rss_before_mib']:.0f} | {r['peak_rss_mib']:.0f} | {r['peak_above_steady_mib']:.0f} | "
+            f"{r['rss_before_mib']:.0f} | {r['peak_rss_mib']:.0f} | {r['peak_above_steady_mib']:.0f} | {r['saved_mib']:.0f} | "
             f"{r['step_s']:.2f} | {r['loss_first']:.3f} -> {r['loss_last']:.3f} |"
         )
     return "\n".join(lines)
@@ -136,7 +152,7 @@ def main() -> int:
     for name in args.configs:
         print(f"running {name} ...", flush=True)
         proc = subprocess.run([sys.executable, __file__, *forwarded, "--one", name], capture_output=True, text=True,
-                              env={**os.environ, "TRANSFORMERS_VERBOSITY": "error"})
+                              env={**os.environ, **MALLOC_ENV})
         if proc.returncode != 0:
             print(proc.stderr[-3000:], file=sys.stderr)
             return proc.returncode
@@ -155,7 +171,10 @@ def main() -> int:
         "- linear weights: the layers QLoRA quantizes (every linear layer but the output head), with their "
         "scales; `x fp32` is their size over the same layers in fp32.\n"
         "- all weights: every parameter and buffer of the model (embeddings, norms, head, LoRA).\n"
-        "- RSS: resident memory of the process; the peak is reset just before the timed steps.\n"
+        "- RSS: resident memory of the process (glibc told to return freed blocks: MALLOC_MMAP_THRESHOLD_=65536); "
+        "the peak is reset just before the timed steps, so building the fp32 model first does not count.\n"
+        "- saved for backward: tensors autograd keeps from the forward pass (counted once per storage, weights "
+        "excluded); a dequantized weight would show here if it were kept.\n"
         "- nf4: double quantization of the scales on; nf4-bf16: compute dtype bfloat16.\n"
     )
     print(f"written to {args.out}")
