@@ -58,12 +58,12 @@ __all__ = [
     "InputError",
     "LoraConfig",
     "MergeError",
-    "QuantConfig",
     "TargetError",
     "capture",
     "export_onnx",
     "inject",
     "inspect_sites",
     "load_adapter",
+    "QuantConfig",  # QLoRA (adaptc.passes.quantize)
     "quantize_model",
 ]

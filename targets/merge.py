@@ -132,11 +132,12 @@ def _check_finite(entries: list[WeightMerge]) -> None:
 def merge(am, safe: bool = False, requantize: bool = False) -> nn.Module:
     """Fold the active adapters into the base weights in place, remove them, return the base model.
 
+    A quantized weight (QLoRA) is dequantized and merged; its layer becomes an fp ``nn.Linear``
+    or, with ``requantize``, stays quantized in its format with the merged weight.
+
     Like PEFT's ``merge_and_unload``: the merged adapters leave ``am`` (so nothing is applied
     twice); inactive adapters stay. ``safe=True`` computes every merged weight first and
-    refuses, changing nothing, if any holds NaN or inf. A quantized weight (QLoRA) is
-    dequantized and merged; its layer becomes an fp ``nn.Linear`` or, with ``requantize``,
-    stays quantized in its format with the merged weight.
+    refuses, changing nothing, if any holds NaN or inf.
     """
     names = [n for n in am.active_adapters if n in am.adapters]
     entries = plan(am, names)  # raises before any weight is written

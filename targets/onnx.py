@@ -390,8 +390,8 @@ def export_onnx(
     target = check_path(path)
     _check_options(merge, quantize, opset, atol)
     inputs = normalize_inputs(example_inputs) if example_inputs is not None else am.example_inputs
-    am = _full_precision(am, inputs, merge)
     external = _weights_bytes(am) > EXTERNAL_DATA_BYTES if external_data is None else bool(external_data)
+    am = _full_precision(am, inputs, merge)  # a quantized base (QLoRA) exports as a merged fp copy
     try:
         workdir = Path(tempfile.mkdtemp(prefix=f".{target.stem}.adaptc-", dir=target.parent))
     except OSError as exc:
