@@ -9,7 +9,7 @@ from torch import nn
 
 from .capture import CapturedGraphModule, capture
 from .config import LoraConfig, make_config
-from .errors import AdaptcError, ConfigError, InputError
+from .errors import AdaptcError, InputError
 from .inputs import check_has_tensor, normalize_inputs
 from .model import ADAPTERS_ATTR, AdaptedModel
 
@@ -44,17 +44,10 @@ def inject(
             "model is already an AdaptedModel; use am.add_adapter(name, config) to add another adapter"
         )
     config = make_config(method, options)  # fail on bad options before the (slow) capture
-    quant_config = quant.make_quant_config(quantize)
-    if quant_config and (config.use_dora or config.init == "pissa"):
-        raise ConfigError("quantize needs plain LoRA: DoRA and init='pissa' read the full-precision base weights")
+    quant_config = quant.make_quant_config(quantize, lora=config)
     inputs = normalize_inputs(example_inputs)
     check_has_tensor(inputs)
-    replaced = quant.quantize_model(model, quant_config) if quant_config else []
-    if quant_config and not quant.quantized_modules(model):
-        raise ConfigError(
-            f"quantize={quant_config.format!r}: {type(model).__name__} has no nn.Linear (or transformers Conv1D) layer "
-            "to quantize besides its output head; inject without quantize"
-        )
+    replaced = quant.quantize_model(model, quant_config, require=True) if quant_config else []
     try:
         graph = capture(model, inputs)
         adapted = AdaptedModel(model, graph, find_sites(graph, model))

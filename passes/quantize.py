@@ -199,8 +199,9 @@ def resolve_dtype(value: Any) -> torch.dtype | None:
     raise ConfigError(f"compute_dtype must be 'fp32' or 'bf16' (or torch.float32 / torch.bfloat16), got {value!r}")
 
 
-def make_quant_config(quantize: Any, **options: Any) -> QuantConfig | None:
-    """``inject``'s ``quantize`` argument: None, a format name, or a QuantConfig; validated."""
+def make_quant_config(quantize: Any, lora: Any = None, **options: Any) -> QuantConfig | None:
+    """``inject``'s ``quantize`` argument: None, a format name, or a QuantConfig; validated (with ``lora``,
+    the LoRA config it goes under)."""
     if quantize is None:
         if options:
             raise ConfigError(f"quantization options {sorted(options)} given without quantize='nf4' or 'int8'")
@@ -218,6 +219,8 @@ def make_quant_config(quantize: Any, **options: Any) -> QuantConfig | None:
     else:
         raise ConfigError(f"quantize must be 'nf4', 'int8', a QuantConfig or None, got {type(quantize).__name__}")
     config.validate()
+    if lora is not None and (getattr(lora, "use_dora", False) or getattr(lora, "init", None) == "pissa"):
+        raise ConfigError("quantize needs plain LoRA: DoRA and init='pissa' read the full-precision base weights")
     return config
 
 
@@ -344,13 +347,16 @@ def _skipped(model: nn.Module, config: QuantConfig) -> set[str]:
     return skipped
 
 
-def quantize_model(model: nn.Module, quantize: Any = "nf4", **options: Any) -> list[tuple[nn.Module, str, nn.Module]]:
+def quantize_model(
+    model: nn.Module, quantize: Any = "nf4", *, require: bool = False, **options: Any
+) -> list[tuple[nn.Module, str, nn.Module]]:
     """Replace every eligible linear layer of ``model`` in place by a :class:`QuantLinear`.
 
     Eligible: exactly ``nn.Linear`` or transformers' ``Conv1D`` (subclasses such as ``nn.MultiheadAttention``'s
     ``out_proj`` are used functionally by their parent and are left), not the output head,
     not a shared weight, not in ``skip``. Returns ``(parent, attribute, original)`` for each
-    replacement, which :func:`restore` puts back.
+    replacement, which :func:`restore` puts back. ``require``: raise ConfigError if the model
+    ends up with no quantized layer at all.
     """
     config = make_quant_config(quantize, **options)
     skipped = _skipped(model, config)
@@ -362,6 +368,11 @@ def quantize_model(model: nn.Module, quantize: Any = "nf4", **options: Any) -> l
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, attr, QuantLinear.from_module(module, config))
         replaced.append((parent, attr, module))
+    if require and not quantized_modules(model):
+        raise ConfigError(
+            f"quantize={config.format!r}: {type(model).__name__} has no nn.Linear (or transformers Conv1D) layer "
+            "to quantize besides its output head; inject without quantize"
+        )
     return replaced
 
 

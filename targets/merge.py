@@ -162,9 +162,9 @@ def merged_weights(am) -> Iterator[list[WeightMerge]]:
     by subtraction), so export can lower a merged model without consuming the AdaptedModel.
     """
     entries = plan(am, [n for n in am.active_adapters if n in am.adapters])
+    originals = [entry.weight.data for entry in entries]
     if any(entry.quantized is not None for entry in entries):
         raise MergeError("merged_weights() cannot swap quantized weights in place; use merged_copy(am) (export does)")
-    originals = [entry.weight.data for entry in entries]
     try:
         for entry in entries:
             entry.weight.data = merged_weight(entry)
