@@ -23,6 +23,7 @@ from .errors import (
 )
 from .generate import generate
 from .model import AdaptedModel
+from .passes.quantize import QuantConfig, quantize_model
 
 
 def export_onnx(
@@ -68,4 +69,6 @@ __all__ = [
     "inject",
     "inspect_sites",
     "load_adapter",
+    "QuantConfig",  # QLoRA (adaptc.passes.quantize)
+    "quantize_model",
 ]

@@ -22,6 +22,7 @@ def inject(
     *,
     example_inputs: Any = None,
     adapter_name: str = DEFAULT_ADAPTER,
+    quantize: Any = None,
     **options: Any,
 ) -> AdaptedModel:
     """Capture ``model``, insert adapters with the method's pass, and freeze the base weights.
@@ -29,7 +30,11 @@ def inject(
     ``inject(model, "lora", example_inputs=inputs, targets="all-linear", r=8, alpha=16)`` or
     ``inject(model, LoraConfig(...), example_inputs=inputs)``. Everything is validated before
     the model is touched; on error the model is left as it was.
+
+    ``quantize="nf4"`` or ``"int8"`` (or a ``QuantConfig``) first replaces the model's linear
+    layers, in place, by quantized frozen ones (QLoRA; see ``adaptc.passes.quantize``).
     """
+    from adaptc.passes import quantize as quant
     from adaptc.passes.sites import find_sites
 
     if not isinstance(model, nn.Module):
@@ -38,12 +43,18 @@ def inject(
         raise InputError(
             "model is already an AdaptedModel; use am.add_adapter(name, config) to add another adapter"
         )
-    make_config(method, options)  # fail on bad options before the (slow) capture
+    config = make_config(method, options)  # fail on bad options before the (slow) capture
+    quant_config = quant.make_quant_config(quantize, lora=config)
     inputs = normalize_inputs(example_inputs)
     check_has_tensor(inputs)
-    graph = capture(model, inputs)
-    adapted = AdaptedModel(model, graph, find_sites(graph, model))
-    adapted.add_adapter(adapter_name, method, **options)
+    replaced = quant.quantize_model(model, quant_config, require=True) if quant_config else []
+    try:
+        graph = capture(model, inputs)
+        adapted = AdaptedModel(model, graph, find_sites(graph, model))
+        adapted.add_adapter(adapter_name, method, **options)
+    except BaseException:
+        quant.restore(replaced)  # the model is left as it was
+        raise
     return adapted
 
 

@@ -243,9 +243,12 @@ def _lora_options(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_inject(args: argparse.Namespace) -> int:
+    from adaptc.passes.quantize import make_quant_config, weight_bytes
+
     config = make_config(args.method, _lora_options(args))  # validated before the model is built
+    quant = make_quant_config(args.quantize, compute_dtype=args.compute_dtype) if args.quantize else None
     model, example = build_from_file(args.model_file)
-    adapted = inject(model, config, example_inputs=example)
+    adapted = inject(model, config, example_inputs=example, quantize=quant)
 
     extras = " rslora" * config.rslora + " dora" * config.use_dora
     print(
@@ -260,6 +263,9 @@ def cmd_inject(args: argparse.Namespace) -> int:
     ]
     print(table(["site", "op", "weight", "in->out", "r", "params added"], rows, right=(4, 5)))
     print(adapted.trainable_summary(print_it=False))
+    if quant is not None:
+        size = weight_bytes(model)["quantized"]
+        print(f"quantized base: {quant.format} linear weights take {size / 2**20:.2f} MiB (compute {quant.compute_dtype})")
     if args.output is not None:  # a starting point to train, or to load with PEFT
         for path in adapted.save_adapter(args.output):
             print(f"adapter saved to {path}")
@@ -328,6 +334,8 @@ def build_parser() -> argparse.ArgumentParser:
     inject_p.add_argument("--rslora", action="store_true", help="scale by alpha/sqrt(r) (rank-stabilised LoRA)")
     inject_p.add_argument("--dora", action="store_true", help="DoRA: also learn a per-output magnitude")
     inject_p.add_argument("--init", choices=LORA_INITS, help=f"adapter initialisation (default: {d['init']})")
+    inject_p.add_argument("--quantize", choices=("nf4", "int8"), help="store the frozen linear weights quantized (QLoRA)")
+    inject_p.add_argument("--compute-dtype", choices=("fp32", "bf16"), help="dtype of the quantized layers' matmuls")
     inject_p.add_argument(
         "-o", "--output", metavar="DIR", help="save the fresh adapter there (PEFT format: adapter_config.json + .safetensors)"
     )

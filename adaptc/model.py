@@ -294,16 +294,18 @@ class AdaptedModel(nn.Module):
                     owner._buffers[leaf] = fn(buffer)
         return self
 
-    def merge(self, safe: bool = False) -> nn.Module:
+    def merge(self, safe: bool = False, requantize: bool = False) -> nn.Module:
         """Fold the active LoRA adapters into the base model's weights and return that model.
 
         The merged adapters leave this AdaptedModel (like PEFT's ``merge_and_unload``); inactive
         ones stay. ``safe=True`` checks the merged weights for NaN/inf before writing any. A
         weight shared by several modules (tied embeddings) is refused: see ``targets/merge.py``.
+        A quantized base layer (``quantize=``) becomes full precision, or stays quantized with
+        ``requantize=True``.
         """
         from adaptc.targets.merge import merge
 
-        return merge(self, safe=safe)
+        return merge(self, safe=safe, requantize=requantize)
 
     # -- introspection ----------------------------------------------------------------------------
 

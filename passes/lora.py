@@ -189,6 +189,12 @@ def build_layers(sites: list[Site], config: LoraConfig, model: nn.Module) -> dic
             )
         ranks[site.name] = r
     params = dict(model.named_parameters(remove_duplicate=False))
+    for site in sites:
+        if not params[site.weight].is_floating_point() and (config.use_dora or config.init == "pissa"):
+            raise ConfigError(
+                f"{site.name} has a quantized (or integer) weight: DoRA and init='pissa' need the full-precision "
+                "weight; use plain LoRA on a quantized base"
+            )
     layers = {}
     for site in sites:
         layer = LoraLayer(

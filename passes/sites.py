@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from .quantize import QUANT_LINEAR_OPS
+
 aten = torch.ops.aten
 
 KINDS = ("linear", "conv", "embedding")
@@ -143,6 +145,7 @@ class _Raw:
     fan_in_fan_out: bool = False
     conv: dict[str, Any] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    weight_shape: tuple[int, ...] | None = None  # the logical shape, when the parameter stores it packed
 
 
 def _conv_info(dims: int, stride: Any, padding: Any, dilation: Any, groups: Any) -> dict[str, Any]:
@@ -157,6 +160,12 @@ def _conv_info(dims: int, stride: Any, padding: Any, dilation: Any, groups: Any)
 
 def _match_function(node: fx.Node, params: dict[str, nn.Parameter]) -> _Raw | None:
     target = node.target
+    if target in QUANT_LINEAR_OPS:  # a quantized frozen linear (passes/quantize.py): LoRA goes beside it too
+        found = _param_name(node.args[1], params)
+        if found and not found[1]:
+            return _Raw("linear", "quant_linear", node.args[0], found[0], None, node.args[4],
+                        weight_shape=(node.args[6], node.args[7]))
+        return None
     if target in (aten.linear.default, F.linear, torch._C._nn.linear):
         found = _param_name(_arg(node, 1, "weight"), params)
         if found and not found[1]:
@@ -309,6 +318,12 @@ def layer_index(name: str, patterns: tuple[str, ...] | None = None) -> int | Non
     return None
 
 
+def _op_name(node: fx.Node, raw: _Raw) -> str:
+    if node.op == "call_module":
+        return f"nn.{raw.op}"
+    return f"adaptc.{raw.op}" if raw.op == "quant_linear" else f"aten.{raw.op}"
+
+
 # --- the finder ------------------------------------------------------------------------------
 
 def match_ops(gm: fx.GraphModule, model: nn.Module) -> list[OpMatch]:
@@ -330,7 +345,7 @@ def match_ops(gm: fx.GraphModule, model: nn.Module) -> list[OpMatch]:
             continue
         weight = gm.get_parameter(raw.weight_name)
         name = _site_name(node, raw.weight_name, model, weight)
-        shape = tuple(weight.shape)
+        shape = raw.weight_shape or tuple(weight.shape)
         if raw.kind == "linear":
             out_f, in_f = (shape[1], shape[0]) if raw.fan_in_fan_out else (shape[0], shape[1])
         elif raw.kind == "conv":
@@ -341,7 +356,7 @@ def match_ops(gm: fx.GraphModule, model: nn.Module) -> list[OpMatch]:
         site = sites.get(key)
         if site is None:
             site = sites[key] = Site(
-                name=name, kind=raw.kind, op=f"aten.{raw.op}" if node.op != "call_module" else f"nn.{raw.op}",
+                name=name, kind=raw.kind, op=_op_name(node, raw),
                 weight=raw.weight_name, weight_shape=shape, in_features=in_f, out_features=out_f,
                 fan_in_fan_out=raw.fan_in_fan_out, conv=raw.conv, uses=0, layer=layer_index(name),
             )

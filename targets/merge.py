@@ -37,6 +37,7 @@ class WeightMerge:
     weight: nn.Parameter
     layers: list = field(default_factory=list)  # LoraLayer, in graph order from the op outwards
     sites: list[str] = field(default_factory=list)  # "adapter:site" for messages
+    quantized: nn.Module | None = None  # the QuantLinear holding ``weight`` packed (passes/quantize.py)
 
 
 def _owners(model: nn.Module, param: nn.Parameter) -> list[str]:
@@ -66,6 +67,7 @@ def lora_adapters(am, names: list[str] | None = None) -> list[str]:
 
 def plan(am, names: list[str]) -> list[WeightMerge]:
     """What merging adapters ``names`` would write, checked before anything changes."""
+    from adaptc.passes.quantize import owner_of
     from adaptc.passes.sites import site_key
 
     names = lora_adapters(am, names)
@@ -79,7 +81,7 @@ def plan(am, names: list[str]) -> list[WeightMerge]:
             param = model.get_parameter(site.weight)
             entry = by_weight.get(id(param))
             if entry is None:
-                entry = by_weight[id(param)] = WeightMerge(site.weight, param)
+                entry = by_weight[id(param)] = WeightMerge(site.weight, param, quantized=owner_of(model, site.weight))
             entry.layers.append(layer)
             entry.sites.append(f"{name}:{site.name}")
     for entry in by_weight.values():
@@ -89,7 +91,7 @@ def plan(am, names: list[str]) -> list[WeightMerge]:
 
 def _check_mergeable(am, entry: WeightMerge) -> None:
     site = entry.sites[0].split(":", 1)[1]
-    if not entry.weight.is_floating_point():
+    if not entry.weight.is_floating_point() and entry.quantized is None:
         raise MergeError(f"cannot merge into {entry.weight_name} ({entry.weight.dtype}): merge needs a floating-point weight")
     owners = _owners(am.base_model, entry.weight)
     users = _site_users(am, entry.weight)
@@ -105,8 +107,8 @@ def _check_mergeable(am, entry: WeightMerge) -> None:
 
 @torch.no_grad()
 def merged_weight(entry: WeightMerge) -> torch.Tensor:
-    """The weight with every adapter of ``entry`` folded in, in the weight's dtype."""
-    stored = entry.weight.detach()
+    """The weight with every adapter of ``entry`` folded in, in the weight's dtype (fp32 for a quantized one)."""
+    stored = entry.weight.detach() if entry.quantized is None else entry.quantized.dequantize(torch.float32)
     compute = torch.promote_types(stored.dtype, torch.float32)
     current = stored.to(compute)
     for layer in entry.layers:
@@ -135,8 +137,11 @@ def _check_finite(entries: list[WeightMerge]) -> None:
         )
 
 
-def merge(am, safe: bool = False) -> nn.Module:
+def merge(am, safe: bool = False, requantize: bool = False) -> nn.Module:
     """Fold the active adapters into the base weights in place, remove them, return the base model.
+
+    A quantized weight (QLoRA) is dequantized and merged; its layer becomes an fp ``nn.Linear``
+    or, with ``requantize``, stays quantized in its format with the merged weight.
 
     Like PEFT's ``merge_and_unload``: the merged adapters leave ``am`` (so nothing is applied
     twice); inactive adapters stay. ``safe=True`` computes every merged weight first and
@@ -151,7 +156,10 @@ def merge(am, safe: bool = False) -> nn.Module:
         _check_prompts_finite(am, prompts)
     with torch.no_grad():
         for entry in entries:
-            entry.weight.copy_(merged_weight(entry))
+            if entry.quantized is not None:
+                _write_quantized(am.base_model, entry, merged_weight(entry), requantize)
+            else:
+                entry.weight.copy_(merged_weight(entry))
     for name in names:
         am.delete_adapter(name)
     if not prompts:
@@ -189,6 +197,8 @@ def merged_weights(am) -> Iterator[list[WeightMerge]]:
     names = lora_adapters(am, am.active_adapters)
     entries = plan(am, names)
     originals = [entry.weight.data for entry in entries]
+    if any(entry.quantized is not None for entry in entries):
+        raise MergeError("merged_weights() cannot swap quantized weights in place; use merged_copy(am) (export does)")
     try:
         for entry in entries:
             entry.weight.data = merged_weight(entry)
@@ -197,3 +207,38 @@ def merged_weights(am) -> Iterator[list[WeightMerge]]:
     finally:
         for entry, original in zip(entries, originals):
             entry.weight.data = original
+
+
+def _write_quantized(model: nn.Module, entry: WeightMerge, weight: torch.Tensor, requantize: bool) -> None:
+    module = entry.quantized
+    if requantize:
+        module.load_weight_(weight)
+        return
+    owner = entry.weight_name.rpartition(".")[0]
+    parent_name, _, attr = owner.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, attr, module.to_linear(weight))
+
+
+@torch.no_grad()
+def merged_copy(am) -> nn.Module:
+    """A full-precision copy of the base model with the active adapters merged; ``am`` is untouched.
+
+    Every quantized layer of the copy becomes an ``nn.Linear`` (dequantized, plus the adapters'
+    update where they apply): what ONNX export lowers for a QLoRA model.
+    """
+    import copy
+
+    from adaptc.passes.quantize import dequantize_model
+
+    entries = plan(am, [n for n in am.active_adapters if n in am.adapters])
+    clone = copy.deepcopy(am.base_model)
+    for entry in entries:
+        weight = merged_weight(entry)
+        if entry.quantized is not None:
+            module = clone.get_submodule(entry.weight_name.rpartition(".")[0])
+            _write_quantized(clone, WeightMerge(entry.weight_name, module.weight, quantized=module), weight, False)
+        else:
+            clone.get_parameter(entry.weight_name).copy_(weight)
+    dequantize_model(clone)
+    return clone

@@ -398,6 +398,7 @@ def export_onnx(
         )
     inputs = normalize_inputs(example_inputs) if example_inputs is not None else am.example_inputs
     external = _weights_bytes(am) > EXTERNAL_DATA_BYTES if external_data is None else bool(external_data)
+    am = _full_precision(am, inputs, merge)  # a quantized base (QLoRA) exports as a merged fp copy
     try:
         workdir = Path(tempfile.mkdtemp(prefix=f".{target.stem}.adaptc-", dir=target.parent))
     except OSError as exc:
@@ -408,6 +409,28 @@ def export_onnx(
                            latency_runs, merged_weights)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _full_precision(am, inputs: Inputs, merge: bool):
+    """A quantized base (QLoRA) is exported merged, in full precision: a merged fp copy, captured anew."""
+    from adaptc.passes.quantize import quantized_modules
+    from adaptc.passes.sites import find_sites
+
+    from adaptc.capture import capture
+    from adaptc.model import AdaptedModel
+
+    from .merge import merged_copy
+
+    if not quantized_modules(am.base_model):
+        return am
+    if not merge:
+        raise ExportError(
+            "this model has a quantized base (inject(..., quantize=...)): export it merged (merge=True, the default), "
+            "which writes full-precision weights (add quantize='int8' for ORT int8); unmerged export is not supported"
+        )
+    model = merged_copy(am)
+    graph = capture(model, inputs, training=False)
+    return AdaptedModel(model, graph, find_sites(graph, model))
 
 
 def _export(am, target: Path, workdir: Path, inputs: Inputs, merge: bool, optimize: bool, opset: int | None,
