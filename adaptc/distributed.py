@@ -27,7 +27,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .errors import AdaptcError, ConfigError, InputError
+from .errors import AdaptcError, CheckpointError, ConfigError, InputError
 from .hf import unwrap
 
 __all__ = [
@@ -66,11 +66,12 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, adapter_name: s
     """
     am = unwrap(model)
     names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name or am.adapters)
+    unknown = [n for n in names if n not in am.adapters]
+    if unknown or not names:  # every rank raises alike, before any collective
+        raise CheckpointError(f"unknown adapter {unknown or names!r}; this model has: {', '.join(am.adapters)}")
     # Every rank takes part in the gathers; only rank 0 keeps the full tensors.
     full: dict[tuple[int, str], nn.Parameter] = {}
     for name in names:
-        if name not in am.adapters:
-            continue  # am.save_adapter reports unknown names on rank 0 (and so on every rank)
         for layer in am.adapters[name].values():
             for pname, p in layer.named_parameters(recurse=False):
                 if hasattr(p, "full_tensor"):
@@ -82,7 +83,7 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, adapter_name: s
         saved = {}
         try:
             for name in names:
-                for layer in am.adapters[name].values() if name in am.adapters else ():
+                for layer in am.adapters[name].values():
                     for pname in list(layer._parameters):
                         if (id(layer), pname) in full:
                             saved[(layer, pname)] = layer._parameters[pname]
@@ -96,8 +97,8 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, adapter_name: s
     if _distributed():
         box = [None if error is None else f"{type(error).__name__}: {error}", [str(f) for f in folders]]
         dist.broadcast_object_list(box, src=0)  # also the barrier: it returns once rank 0 has written
-        if error is None and box[0] is not None:
-            raise AdaptcError(f"rank 0 could not save the adapter: {box[0]}")
+        if error is None and box[0] is not None:  # rank 0 failed writing (disk full, permissions, ...)
+            raise AdaptcError(f"rank 0 could not save the adapter to {directory}: {box[0]}")
         folders = [Path(f) for f in box[1]]
     if error is not None:
         raise error

@@ -178,3 +178,40 @@ def test_rank0_checkpoint_loads_and_reproduces(runs, kind):
         base = tiny_gpt2()(input_ids=ids, use_cache=False).logits
     assert (want - base).abs().max() > 1e-3  # the adapter matters, so the comparison below can fail
     assert (got - want).abs().max() < 1e-5
+
+
+def test_fully_shard_adapted_needs_a_process_group(runs):
+    from adaptc import distributed
+
+    reference = runs[1]
+    with pytest.raises(adaptc.ConfigError, match="init_process_group"):
+        distributed.fully_shard_adapted(reference)
+    with pytest.raises(adaptc.InputError, match="AdaptedModel"):
+        distributed.unwrap(torch.nn.Linear(2, 2))
+
+
+def test_torchrun_command_lines():
+    from adaptc.distributed import launch_torchrun, torchrun_command
+
+    one = torchrun_command(["-m", "adaptc.cli", "train", "m.py"], 4, python="py")
+    assert one == ["py", "-m", "torch.distributed.run", "--nproc_per_node=4", "--standalone",
+                   "-m", "adaptc.cli", "train", "m.py"]
+    two = torchrun_command(["train.py"], 8, nnodes=2, rdzv_endpoint="node0:29500", node_rank=1, python="py")
+    assert two == ["py", "-m", "torch.distributed.run", "--nproc_per_node=8", "--nnodes=2", "--rdzv_backend=c10d",
+                   "--rdzv_endpoint=node0:29500", "--rdzv_id=adaptc", "--node_rank=1", "train.py"]
+    with pytest.raises(adaptc.ConfigError, match="rendezvous endpoint"):
+        torchrun_command(["train.py"], 8, nnodes=2)
+    with pytest.raises(adaptc.ConfigError, match="positive integer"):
+        torchrun_command(["train.py"], 0)
+    with pytest.raises(adaptc.ConfigError, match="remove --nproc"):
+        launch_torchrun(["train", "m.py", "--nproc", "2"], 2)
+
+
+@pytest.mark.slow
+def test_launch_torchrun_starts_the_processes(tmp_path, monkeypatch):
+    # Two real processes running `python -m adaptc.cli --help` under torchrun: the command line is valid.
+    from adaptc.distributed import launch_torchrun
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    assert launch_torchrun(["--help"], 2) == 0
+    assert launch_torchrun(["no-such-command"], 2) != 0

@@ -15,6 +15,9 @@ from adaptc.hf import AdapterTrainer
 
 peft = pytest.importorskip("peft")
 
+# PEFT warns that it ignores the "adaptc" field of adapter_config.json (see the README).
+pytestmark = pytest.mark.filterwarnings("ignore:Unexpected keyword arguments:UserWarning")
+
 SEQ = 16
 STEPS = 12
 
