@@ -6,6 +6,8 @@ once: the example inputs have the structure of the Trainer's calls, ``num_items_
 included (the Trainer passes it because the base model's forward takes ``**kwargs``).
 """
 
+import os
+
 import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel, TrainingArguments
@@ -42,11 +44,8 @@ def dataset():
 
 @pytest.fixture(scope="module")
 def am():
-    ids = torch.zeros(2, SEQ, dtype=torch.long)
-    example = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids,
-               "num_items_in_batch": torch.tensor(30.0)}
     torch.manual_seed(1)
-    model = adaptc.inject(tiny_gpt2(), "lora", example_inputs=example, targets="all-linear", r=4, alpha=8,
+    model = adaptc.inject(tiny_gpt2(), "lora", example_inputs=example_inputs(), targets="all-linear", r=4, alpha=8,
                           init="gaussian")
     with torch.no_grad():  # a non-zero B, so that A's gradients are not zero on the first step
         for name, p in model.adapters.named_parameters():
@@ -156,3 +155,69 @@ def test_save_pretrained_is_save_adapter(am, tmp_path):
     assert not (tmp_path / "b").exists()
     with pytest.raises(adaptc.ConfigError, match="gradient checkpointing"):
         am.gradient_checkpointing_enable()
+
+
+@pytest.mark.slow
+def test_trainer_under_torchrun_ddp(tmp_path):
+    # The Trainer (through accelerate) wraps the model in DDP itself; rank 0 alone writes checkpoints.
+    import json
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", __file__,
+           str(tmp_path)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    reports = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    assert [r["wrapped"] for r in reports] == ["DistributedDataParallel"] * 2
+    assert [r["sync"] for r in reports] == [0.0, 0.0]
+    assert reports[0]["losses"] == reports[1]["losses"]  # the Trainer logs the loss averaged over ranks
+    names = {p.name for p in (tmp_path / "checkpoint-4").iterdir()}
+    assert {"adapter_config.json", "adapter_model.safetensors", "rng_state_0.pth", "rng_state_1.pth"} <= names
+    loaded = adaptc.load_adapter(tiny_gpt2(), tmp_path / "checkpoint-4", example_inputs=example_inputs())
+    trained = safetensors_tensors(tmp_path / "rank0_adapter.safetensors")
+    assert all(torch.equal(p.detach(), trained[n]) for n, p in loaded.adapters.named_parameters())
+
+
+def example_inputs():
+    ids = torch.zeros(2, SEQ, dtype=torch.long)
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids,
+            "num_items_in_batch": torch.tensor(30.0)}
+
+
+def safetensors_tensors(path):
+    import safetensors.torch
+
+    return safetensors.torch.load_file(str(path))
+
+
+def _torchrun_worker(out):
+    import json
+
+    import safetensors.torch
+    from transformers import TrainingArguments
+
+    from adaptc import distributed
+
+    torch.manual_seed(1)
+    am = adaptc.inject(tiny_gpt2(), "lora", example_inputs=example_inputs(), targets="all-linear", r=4, alpha=8)
+    am.train()
+    args = TrainingArguments(output_dir=out, per_device_train_batch_size=2, max_steps=4, learning_rate=0.05,
+                             logging_steps=1, save_steps=4, report_to=[], use_cpu=True, disable_tqdm=True,
+                             ddp_backend="gloo")
+    trainer = AdapterTrainer(model=am, args=args, train_dataset=dataset())
+    trainer.train()
+    rank = int(os.environ["RANK"])
+    report = {"wrapped": type(trainer.model_wrapped).__name__, "sync": distributed.adapters_in_sync(am),
+              "losses": [h["loss"] for h in trainer.state.log_history if "loss" in h]}
+    if rank == 0:
+        tensors = {n: p.detach().contiguous() for n, p in am.adapters.named_parameters()}
+        safetensors.torch.save_file(tensors, os.path.join(out, "rank0_adapter.safetensors"))
+    with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
+        json.dump(report, f)
+
+
+if __name__ == "__main__":  # run by test_trainer_under_torchrun_ddp, under torchrun
+    import sys
+
+    _torchrun_worker(sys.argv[1])
