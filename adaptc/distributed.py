@@ -33,12 +33,17 @@ from .hf import unwrap
 __all__ = [
     "adapters_in_sync",
     "fully_shard_adapted",
+    "init_from_env",
     "is_main_process",
     "launch_torchrun",
     "save_adapter",
     "torchrun_command",
     "unwrap",
+    "without_launch_options",
 ]
+
+# Options of `adaptc train` that concern the launch; the launched processes must not see them.
+LAUNCH_OPTIONS = ("--nproc", "--nnodes", "--node-rank", "--rdzv-endpoint", "--rdzv-id")
 
 
 def _distributed() -> bool:
@@ -207,6 +212,41 @@ def torchrun_command(
     return cmd + list(program)
 
 
+def without_launch_options(argv: Sequence[str]) -> list[str]:
+    """``argv`` without ``--nproc N`` / ``--nnodes`` / ``--node-rank`` / ``--rdzv-endpoint`` / ``--rdzv-id``
+    (either ``--opt value`` or ``--opt=value``)."""
+    out: list[str] = []
+    skip = False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg in LAUNCH_OPTIONS:
+            skip = True
+        elif not arg.startswith(tuple(f"{o}=" for o in LAUNCH_OPTIONS)):
+            out.append(arg)
+    return out
+
+
+def init_from_env() -> tuple[int, int, torch.device]:
+    """In a process torchrun started: initialise torch.distributed from its environment.
+
+    NCCL and this process's GPU (``LOCAL_RANK``) when CUDA is available, gloo on CPU otherwise.
+    Returns (rank, world size, device). Outside torchrun (no ``WORLD_SIZE``) it does nothing and
+    returns (0, 1, the default device).
+    """
+    if "WORLD_SIZE" not in os.environ:
+        return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if torch.cuda.is_available():
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+        backend = "nccl"
+    else:
+        device, backend = torch.device("cpu"), "gloo"
+    if not _distributed():
+        dist.init_process_group(backend)
+    return dist.get_rank(), dist.get_world_size(), device
+
+
 def launch_torchrun(argv: Sequence[str], nproc: int, **options: Any) -> int:
     """Run ``adaptc <argv>`` under torchrun with ``nproc`` processes per node; returns its exit code.
 
@@ -216,7 +256,10 @@ def launch_torchrun(argv: Sequence[str], nproc: int, **options: Any) -> int:
     sees ``WORLD_SIZE`` > 1 initialises torch.distributed and wraps the model in DDP.
     """
     argv = list(argv)
-    if any(a == "--nproc" or a.startswith("--nproc=") for a in argv):
-        raise ConfigError("remove --nproc from argv: the launched processes must not launch torchrun again")
+    if without_launch_options(argv) != argv:
+        raise ConfigError(
+            f"remove {', '.join(LAUNCH_OPTIONS)} from argv (without_launch_options(argv)): the launched "
+            "processes must not launch torchrun again"
+        )
     cmd = torchrun_command(["-m", "adaptc.cli", *argv], nproc, **options)
     return subprocess.call(cmd)

@@ -191,7 +191,7 @@ def test_fully_shard_adapted_needs_a_process_group(runs):
 
 
 def test_torchrun_command_lines():
-    from adaptc.distributed import launch_torchrun, torchrun_command
+    from adaptc.distributed import launch_torchrun, torchrun_command, without_launch_options
 
     one = torchrun_command(["-m", "adaptc.cli", "train", "m.py"], 4, python="py")
     assert one == ["py", "-m", "torch.distributed.run", "--nproc_per_node=4", "--standalone",
@@ -205,6 +205,8 @@ def test_torchrun_command_lines():
         torchrun_command(["train.py"], 0)
     with pytest.raises(adaptc.ConfigError, match="remove --nproc"):
         launch_torchrun(["train", "m.py", "--nproc", "2"], 2)
+    argv = ["train", "m.py", "--nproc", "2", "--steps=5", "--nnodes=2", "--rdzv-endpoint", "h:1", "-o", "out"]
+    assert without_launch_options(argv) == ["train", "m.py", "--steps=5", "-o", "out"]
 
 
 @pytest.mark.slow
