@@ -64,6 +64,10 @@ class AdaptedModel(nn.Module):
         self._edits_disabled: set[str] = set()
         self.train(model.training)  # start in the mode the model was in, like the model
         self._register_graph(graph)
+        # The HF Trainer reads input and label names from forward's signature on the class (adaptc/hf.py).
+        from .hf import signature_class
+
+        self.__class__ = signature_class(type(self), type(model))
 
     # -- adapters -------------------------------------------------------------------------------
 
@@ -213,6 +217,20 @@ class AdaptedModel(nn.Module):
         from .checkpoint import save_adapter
 
         return save_adapter(self, directory, adapter_name)
+
+    def save_pretrained(self, save_directory: str | os.PathLike, is_main_process: bool = True, **ignored: Any) -> list:
+        """PEFT's and transformers' name for :meth:`save_adapter` (the base weights are not saved);
+        ``is_main_process=False`` writes nothing, as in transformers."""
+        return self.save_adapter(save_directory) if is_main_process else []
+
+    def gradient_checkpointing_enable(self, *args: Any, **kwargs: Any) -> None:
+        # Without this the call would reach the base model, change nothing in the captured graphs, and mislead.
+        raise ConfigError(
+            "gradient checkpointing is not supported on an AdaptedModel: its graphs were captured without it. "
+            "Set gradient_checkpointing=False (TrainingArguments) and lower the batch size instead"
+        )
+
+    activation_checkpointing_enable = gradient_checkpointing_enable
 
     def load_adapter(self, directory: str | os.PathLike, adapter_name: str = "default") -> None:
         """Add a saved LoRA adapter (adaptc's or PEFT's) under ``adapter_name`` and make it the active one."""
