@@ -20,8 +20,10 @@ from .errors import (
     InputError,
     MergeError,
     TargetError,
+    TrainingError,
 )
 from .model import AdaptedModel
+from .train import TrainConfig, TrainResult, evaluate, train
 
 
 def export_onnx(
@@ -58,9 +60,14 @@ __all__ = [
     "LoraConfig",
     "MergeError",
     "TargetError",
+    "TrainConfig",
+    "TrainResult",
+    "TrainingError",
     "capture",
+    "evaluate",
     "export_onnx",
     "inject",
     "inspect_sites",
     "load_adapter",
+    "train",
 ]

@@ -498,4 +498,8 @@ def _report(message: str) -> None:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    # Run the package's copy of this module, not __main__: the commands in other modules
+    # (cli_train) raise adaptc.cli.CliError, which must be the class main() catches.
+    from adaptc.cli import main as _main
+
+    raise SystemExit(_main())

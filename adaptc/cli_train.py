@@ -115,7 +115,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     import torch
 
     from .checkpoint import load_adapter
-    from .cli import CliError, build_module_from_file
+    from .cli import CliError, build_module_from_file, load_model_file
     from .train import TrainConfig, train
 
     config = TrainConfig(
@@ -124,6 +124,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         eval_every=args.eval_every, seed=args.seed, progress=not args.no_progress,
     )
     config.validate()  # bad options fail before the model is built
+    if not Path(args.model_file).expanduser().exists():
+        load_model_file(args.model_file)  # raises its "not found" error before the adapter is looked at
     adapter = Path(args.adapter)
     if not (adapter / "adapter_config.json").is_file():
         hint = f"create one with `adaptc inject {args.model_file} --method lora -o {args.adapter}`"

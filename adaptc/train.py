@@ -381,14 +381,22 @@ def train(
                 am.train()
                 t_eval += time.perf_counter() - t0
     except KeyboardInterrupt:
-        bar.close()
+        _clear(bar)
         run.checkpoint(optimizer, scheduler, None, force=False)
         run.finish()
+        raise
+    except BaseException:
+        _clear(bar)  # the error message, not a half-drawn bar, is what the user should see last
         raise
     bar.close()
     seconds = time.perf_counter() - t_start
     run.finish()
     return run.result(seconds - t_eval, samples)
+
+
+def _clear(bar: Any) -> None:
+    bar.leave = False
+    bar.close()
 
 
 def _make_config(config: TrainConfig | None, options: dict[str, Any]) -> TrainConfig:
