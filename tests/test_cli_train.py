@@ -93,8 +93,10 @@ def test_opt_passes_method_options_through(capsys, tmp_path):
     assert "trainable params: 160 " in out  # 2 * (16 + 64) by hand
 
 
-@pytest.fixture
-def files(tmp_path):
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    # Shared by the bad-input cases, none of which writes anything (that is part of what they check).
+    tmp_path = tmp_path_factory.mktemp("files")
     out = tmp_path / "out"
     assert main(["inject", TINY, "--r", "2", "-o", str(out)]) == 0
     no_batches = tmp_path / "no_batches.py"
@@ -135,10 +137,12 @@ def files(tmp_path):
         "negative-lr", "zero-accum", "steps-and-epochs", "steps-not-int", "resume-nothing", "bad-device",
         "opt-format", "opt-bad-value", "opt-unknown", "opt-twice", "plot-suffix"])
 def test_bad_input_is_one_line_and_nonzero(capsys, files, args, expected):
+    saved = sorted(p.name for p in Path(files["out"]).iterdir())
     rc = main([a.format(**files) for a in args])
     err = capsys.readouterr().err
     _assert_one_line_error(rc, err)
     assert expected.format(**files) in err
+    assert sorted(p.name for p in Path(files["out"]).iterdir()) == saved  # nothing was written
 
 
 def test_bad_input_exits_nonzero_in_a_real_process(tmp_path):
@@ -160,7 +164,8 @@ def test_every_command_has_help_with_examples(capsys):
 def test_train_resumes_from_last_in_the_cli(capsys, files, tmp_path):
     # A second invocation with --resume and more... the same options continues where the first stopped:
     # here the first run finished, so the resumed one has nothing left and keeps the weights.
-    out = files["out"]
+    out = str(tmp_path / "out")
+    shutil.copytree(files["out"], out)
     assert main(["train", TINY, "--adapter", out, "--steps", "4", "--no-progress"]) == 0
     before = (Path(out) / "last" / "adapter_model.safetensors").read_bytes()
     shutil.copy(Path(out) / "train_log.json", tmp_path / "log.json")
