@@ -321,7 +321,7 @@ _MAIN_EPILOG = """\
 examples (model file to ONNX Runtime):
   adaptc inspect examples/tiny_gpt2.py --plot sites.png
   adaptc inject  examples/text_classification.py --method lora --r 8 -o out/
-  adaptc train   examples/text_classification.py --adapter out/ --steps 60 --lr 2e-3
+  adaptc train   examples/text_classification.py --adapter out/ --steps 20 --lr 2e-3
   adaptc export  examples/text_classification.py --adapter out/best -o model.onnx
 
 `adaptc COMMAND --help` shows each command's options and examples.

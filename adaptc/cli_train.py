@@ -21,9 +21,9 @@ EXIT_INTERRUPTED = 130  # the shell's convention for SIGINT
 TRAIN_EPILOG = """\
 examples:
   adaptc inject examples/text_classification.py --method lora --r 8 -o out/
-  adaptc train  examples/text_classification.py --adapter out/ --steps 60 --lr 2e-3
+  adaptc train  examples/text_classification.py --adapter out/ --steps 20 --lr 2e-3
   adaptc train  examples/text_classification.py --adapter out/ --epochs 2 --batch-accum 2 --bf16
-  adaptc train  examples/text_classification.py --adapter out/ --steps 60 --lr 2e-3 --resume
+  adaptc train  examples/text_classification.py --adapter out/ --steps 20 --lr 2e-3 --resume
   adaptc export examples/text_classification.py --adapter out/best -o model.onnx
 
 model.py defines train_batches() (an iterable of input dicts; entries the model's forward does

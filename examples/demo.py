@@ -22,7 +22,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 MODEL_FILE = "examples/text_classification.py"
 OUT = Path("out/demo")
-STEPS = 30
+STEPS = 20
 
 
 def adaptc(*args: str) -> None:
@@ -52,7 +52,8 @@ def main(steps: int = STEPS) -> int:
 
     adaptc("inspect", MODEL_FILE, "--plot", str(OUT / "sites.png"))
     adaptc("inject", MODEL_FILE, "--method", "lora", "--r", "8", "--alpha", "16", "-o", str(adapter))
-    adaptc("train", MODEL_FILE, "--adapter", str(adapter), "--steps", str(steps), "--lr", "2e-3")
+    adaptc("train", MODEL_FILE, "--adapter", str(adapter), "--steps", str(steps), "--lr", "2e-3",
+           "--eval-every", "10")
     adaptc("export", MODEL_FILE, "--adapter", str(adapter / "best"), "-o", str(onnx_path))
 
     print("\n== ONNX Runtime on the held-out messages ==", flush=True)

@@ -10,7 +10,7 @@ praise, about 24 shared topics so that the topic gives nothing away; composed fr
 project); the other 120 are the evaluation set.
 
     adaptc inject examples/text_classification.py --method lora --r 8 -o out/
-    adaptc train  examples/text_classification.py --adapter out/ --steps 60 --lr 2e-3
+    adaptc train  examples/text_classification.py --adapter out/ --steps 20 --lr 2e-3 --eval-every 10
     adaptc export examples/text_classification.py --adapter out/best -o minilm.onnx
 
 or, all in one with the before/after accuracy and ONNX Runtime inference: ``python examples/text_classification.py``.
@@ -129,7 +129,7 @@ def metric(output: torch.Tensor, batch: dict[str, torch.Tensor]) -> float:
 
 # --- run as a script: the whole job in Python ------------------------------------------------------
 
-def main(steps: int = 60, out_dir: str = "out/text_classification") -> int:
+def main(steps: int = 20, out_dir: str = "out/text_classification") -> int:
     from adaptc.targets import ort as rt
 
     import adaptc
@@ -139,7 +139,7 @@ def main(steps: int = 60, out_dir: str = "out/text_classification") -> int:
     am = adaptc.inject(build_model(), "lora", example_inputs=example_inputs(), r=8, alpha=16, targets="all-linear")
     print(f"LoRA r=8 on {len(am.sites)} sites of all-MiniLM-L6-v2; {am.trainable_summary(print_it=False)}")
     result = adaptc.train(am, train_batches, loss=loss, eval_batches=eval_batches(), metric=metric,
-                          steps=steps, lr=2e-3, output_dir=out)
+                          steps=steps, lr=2e-3, eval_every=10, output_dir=out)
     before, after = result.evals[0]["metric"], result.evals[-1]["metric"]
     print(f"accuracy on {len(_rows()) - N_TRAIN} held-out messages: {before:.1%} zero-shot -> {after:.1%} after LoRA")
 
