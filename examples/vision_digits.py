@@ -11,7 +11,7 @@ digits before (the base model has never seen 5-9) and after LoRA.
     ADAPTC_VISION_MODEL=resnet adaptc train  examples/vision_digits.py --adapter out/ --steps 80 --lr 5e-3
 
 The data: ``sklearn.datasets.load_digits`` (1,797 8x8 grey images that ship inside scikit-learn),
-upsampled to 16x16 (ResNet) or 32x32 (ViT); 1,200 for training, the rest held out.
+upsampled to 16x16; 1,200 for training, the rest held out.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from torch.nn import functional as F
 ROOT = Path(__file__).resolve().parents[1]
 CACHE = ROOT / "out" / "cache"
 N_TRAIN, BATCH = 1200, 64
-SIZES = {"vit": 32, "resnet": 16}
+SIZES = {"vit": 16, "resnet": 16}
 
 
 def model_name() -> str:
@@ -42,8 +42,8 @@ def model_name() -> str:
 def _create(name: str) -> nn.Module:
     import timm
 
-    if name == "vit":  # a ViT-Tiny-shaped model, smaller: 4 blocks of width 96 on 8x8 patches of 4 pixels
-        return timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=4, in_chans=1,
+    if name == "vit":  # a ViT-Tiny-shaped model, smaller: 4 blocks of width 96 on 4x4 patches of 4 pixels
+        return timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=16, patch_size=4, in_chans=1,
                                  embed_dim=96, depth=4, num_heads=3, num_classes=10)
     return timm.create_model("resnet18", pretrained=False, in_chans=1, num_classes=10)
 
@@ -64,20 +64,23 @@ def _images(x: torch.Tensor, name: str) -> torch.Tensor:
 
 
 def _pretrain(name: str) -> nn.Module:
-    """Full training on digits 0-4 only: the base model LoRA starts from."""
+    """Full training on digits 0-4 only: the base model LoRA starts from (about 96% on held-out 0-4 digits)."""
     torch.manual_seed(0)
     model = _create(name)
     x, y = _digits()
     keep = y[:N_TRAIN] < 5
     x, y = _images(x[:N_TRAIN][keep], name), y[:N_TRAIN][keep]
-    optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3)
+    steps = 200
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=3e-3, total_steps=steps)
     model.train()
-    for _ in range(120):
+    for _ in range(steps):
         idx = torch.randint(0, len(y), (BATCH,))
         loss = F.cross_entropy(model(x[idx]), y[idx])
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
+        schedule.step()
     return model.eval()
 
 
