@@ -83,6 +83,7 @@ def build_model() -> nn.Module:
     from transformers.utils import logging
 
     logging.set_verbosity_error()  # the checkpoint's pooler weights are unused here: no load report about them
+    logging.disable_progress_bar()  # nor a bar for loading 101 tensors
     encoder = BertModel.from_pretrained(model_dir(), add_pooling_layer=False).eval()
     model = SentenceClassifier(encoder, torch.zeros(len(LABELS), encoder.config.hidden_size))
     with torch.no_grad():
