@@ -47,16 +47,16 @@ def test_inject_train_export_end_to_end(capsys, tmp_path):
     assert "3 sites matched" in printed and "trainable params: 1,104" in printed
 
     # train in a real process, as a user runs it: the progress bar, the exit status, the files.
-    proc = subprocess.run([*ADAPTC, "train", TINY, "--adapter", str(out), "--steps", "24", "--lr", "1e-2",
+    proc = subprocess.run([*ADAPTC, "train", TINY, "--adapter", str(out), "--steps", "16", "--lr", "1e-2",
                            "--eval-every", "8"], capture_output=True, text=True, cwd=tmp_path, timeout=600)
     assert proc.returncode == 0, proc.stderr
-    assert "24/24" in proc.stderr and "samples_s=" in proc.stderr and "loss=" in proc.stderr  # the progress bar
+    assert "16/16" in proc.stderr and "samples_s=" in proc.stderr and "loss=" in proc.stderr  # the progress bar
     log = json.loads((out / "train_log.json").read_text())
     losses = [r["loss"] for r in log["steps"]]
-    assert len(losses) == 24 and np.mean(losses[-4:]) < 0.5 * np.mean(losses[:4])
+    assert len(losses) == 16 and np.mean(losses[-4:]) < 0.5 * np.mean(losses[:4])
     before, after = log["evals"][0]["metric"], log["evals"][-1]["metric"]
     assert after > before + 0.3, (before, after)
-    assert f"eval metric {before:.4f} (step 0) -> {after:.4f} (step 24)" in proc.stdout
+    assert f"eval metric {before:.4f} (step 0) -> {after:.4f} (step 16)" in proc.stdout
     assert (out / "loss.png").is_file() and (out / "best" / "adapter_model.safetensors").is_file()
 
     onnx_path = tmp_path / "tiny.onnx"
@@ -143,14 +143,6 @@ def test_bad_input_is_one_line_and_nonzero(capsys, files, args, expected):
     _assert_one_line_error(rc, err)
     assert expected.format(**files) in err
     assert sorted(p.name for p in Path(files["out"]).iterdir()) == saved  # nothing was written
-
-
-def test_bad_input_exits_nonzero_in_a_real_process(tmp_path):
-    proc = subprocess.run([*ADAPTC, "train", str(tmp_path / "missing.py"), "--adapter", str(tmp_path), "--steps", "3"],
-                          capture_output=True, text=True, cwd=tmp_path, timeout=600)
-    assert proc.returncode == 2
-    _assert_one_line_error(proc.returncode, proc.stderr)
-    assert "not found" in proc.stderr and proc.stdout == ""
 
 
 def test_every_command_has_help_with_examples(capsys):

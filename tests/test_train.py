@@ -50,9 +50,9 @@ def test_training_lowers_the_loss_and_writes_loadable_checkpoints(fresh_adapter,
     base = {k: v.clone() for k, v in am.base_model.state_dict().items()}
     out = tmp_path / "run"
     result = train(am, M.train_batches, loss=M.loss, eval_batches=M.eval_batches(), metric=M.metric,
-                   steps=24, lr=1e-2, eval_every=8, progress=False, output_dir=out)
+                   steps=16, lr=1e-2, eval_every=8, progress=False, output_dir=out)
 
-    assert result.steps == 24 and len(result.evals) == 4  # step 0 (before) and every 8 steps
+    assert result.steps == 16 and len(result.evals) == 3  # step 0 (before) and every 8 steps
     before, after = result.evals[0], result.evals[-1]
     assert after["loss"] < 0.5 * before["loss"]
     assert after["metric"] > before["metric"] + 0.3
@@ -60,7 +60,7 @@ def test_training_lowers_the_loss_and_writes_loadable_checkpoints(fresh_adapter,
     assert all(torch.equal(v, base[k]) for k, v in am.base_model.state_dict().items())
 
     log = json.loads((out / "train_log.json").read_text())
-    assert [r["step"] for r in log["steps"]] == list(range(1, 25))
+    assert [r["step"] for r in log["steps"]] == list(range(1, 17))
     assert log["best"]["metric"] == max(e["metric"] for e in log["evals"][1:])
     assert (out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -106,19 +106,19 @@ def _interrupting(batches_fn, after: int):
 
 
 def test_resume_after_an_interruption_gives_the_uninterrupted_result(fresh_adapter, tmp_path):
-    # Dropout (RNG), accumulation over 2 micro-batches, 8 batches an epoch: 14 steps cross 3 epoch boundaries.
-    options = dict(loss=M.loss, steps=14, lr=1e-2, batch_accum=2, eval_every=3, progress=False)
+    # Dropout (RNG), accumulation over 2 micro-batches, 8 batches an epoch: 10 steps cross 2 epoch boundaries.
+    options = dict(loss=M.loss, steps=10, lr=1e-2, batch_accum=2, eval_every=3, progress=False)
     full = tmp_path / "full"
     train(_load(fresh_adapter), M.train_batches, output_dir=full, **options)
 
     part = tmp_path / "part"
     with pytest.raises(KeyboardInterrupt):
-        # Micro-batch 20 is the 4th of epoch 2, in the middle of step 10's accumulation; step 9 was never checkpointed.
-        train(_load(fresh_adapter), _interrupting(M.train_batches, 20), output_dir=part, **options)
+        # Micro-batch 15 is the 7th of epoch 1, in the middle of step 8's accumulation; step 7 was never checkpointed.
+        train(_load(fresh_adapter), _interrupting(M.train_batches, 15), output_dir=part, **options)
     state = torch.load(part / "last" / "trainer_state.pt", weights_only=True)
-    assert state["step"] == 9 and state["position"] == [2, 2]
+    assert state["step"] == 7 and state["position"] == [1, 6]
     result = train(_load(fresh_adapter), M.train_batches, output_dir=part, resume=True, **options)
-    assert result.start_step == 9 and result.steps == 14
+    assert result.start_step == 7 and result.steps == 10
 
     expected, got = _adapter_tensors(full / "last"), _adapter_tensors(part / "last")
     assert expected.keys() == got.keys()
