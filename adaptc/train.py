@@ -237,7 +237,9 @@ def evaluate(
     totals: dict[str, float] = {}
     count = 0
     try:
-        with torch.no_grad(), _autocast(device, bf16):
+        # fork_rng: evaluation (a batches function is seeded, a model may draw) must not move the training RNG,
+        # or a run resumed from a checkpoint taken just before an evaluation would diverge.
+        with torch.random.fork_rng(devices=[]), torch.no_grad(), _autocast(device, bf16):
             for batch in _Batches(batches, 0).epoch(0):
                 output = am(**caller.inputs(batch))
                 on_device = caller.batch_on_device(batch)
