@@ -20,10 +20,12 @@ from .errors import (
     InputError,
     MergeError,
     TargetError,
+    TrainingError,
 )
 from .generate import generate
 from .model import AdaptedModel
 from .passes.quantize import QuantConfig, quantize_model
+from .train import TrainConfig, TrainResult, evaluate, train
 
 
 def export_onnx(
@@ -63,7 +65,11 @@ __all__ = [
     "PrefixConfig",
     "PromptConfig",
     "TargetError",
+    "TrainConfig",
+    "TrainResult",
+    "TrainingError",
     "capture",
+    "evaluate",
     "export_onnx",
     "generate",
     "inject",
@@ -71,4 +77,5 @@ __all__ = [
     "load_adapter",
     "QuantConfig",  # QLoRA (adaptc.passes.quantize)
     "quantize_model",
+    "train",
 ]

@@ -130,6 +130,12 @@ def _call(module: types.ModuleType, path_arg: str, function: str, purpose: str) 
 
 def build_from_file(path_arg: str) -> tuple[nn.Module, Any]:
     """``(build_model(), example_inputs())`` of a model file, with one-line errors for what goes wrong."""
+    _, model, inputs = build_module_from_file(path_arg)
+    return model, inputs
+
+
+def build_module_from_file(path_arg: str) -> tuple[types.ModuleType, nn.Module, Any]:
+    """The imported model file, ``build_model()`` and ``example_inputs()``."""
     with _importable_from(Path(path_arg).expanduser().resolve().parent):
         module = load_model_file(path_arg)
         model = _call(module, path_arg, "build_model", "that returns the torch.nn.Module to adapt")
@@ -141,7 +147,7 @@ def build_from_file(path_arg: str) -> tuple[nn.Module, Any]:
             module, path_arg, "example_inputs",
             "that returns the inputs of one typical call: a dict of keyword inputs or a tuple of positional ones",
         )
-    return model, inputs
+    return module, model, inputs
 
 
 # --- formatting ---------------------------------------------------------------------------------
@@ -184,6 +190,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     from adaptc.passes.selection import matches
 
     make_config(args.method, {"r": args.r})  # an unknown method or bad rank fails before the model is built
+    if args.plot is not None:
+        _check_output_file(args.plot, ".png")
     model, example = build_from_file(args.model_file)
     inputs = normalize_inputs(example)
     sites = inspect_sites(model, inputs)
@@ -219,7 +227,23 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         f"{_n(added_linear)} on all-linear (the default targets; trainable% "
         f"{100 * TrainableSummary(added_linear, total + added_linear).fraction:.4f})"
     )
+    if args.plot is not None:
+        from .plot import sites_plot
+
+        plotted = [(s.name, s.kind, s.layer, lora_param_count(s, args.r) if args.r <= s.max_rank() else 0) for s in sites]
+        title = f"{type(model).__name__}: rank-{args.r} LoRA parameters per site ({_n(added_all)} on every site)"
+        print(f"plot written to {sites_plot(plotted, args.plot, title)}")
     return 0
+
+
+def _check_output_file(path_arg: str, suffix: str) -> None:
+    path = Path(path_arg)
+    if path.suffix.lower() != suffix:
+        raise CliError(f"{path_arg!r} should end in {suffix}; pass e.g. sites{suffix}")
+    if not path.parent.resolve().is_dir():
+        raise CliError(f"folder {str(path.parent)!r} of {path_arg!r} does not exist; create it or choose another path")
+    if path.is_dir():
+        raise CliError(f"{path_arg!r} is a folder; pass a file name")
 
 
 def _lora_options(args: argparse.Namespace) -> dict[str, Any]:
@@ -235,6 +259,10 @@ def _lora_options(args: argparse.Namespace) -> dict[str, Any]:
         options["targets"] = args.targets
     elif args.target is not None:
         options["targets"] = args.target
+    for key, value in getattr(args, "opt", None) or []:
+        if key in options:
+            raise CliError(f"option {key!r} given twice (as --{key} and --opt {key}=...); give it once")
+        options[key] = value
     if args.rslora:
         options["rslora"] = True
     if args.dora:
@@ -274,9 +302,41 @@ def cmd_inject(args: argparse.Namespace) -> int:
 
 # --- the parser ---------------------------------------------------------------------------------
 
+def _key_value(text: str) -> tuple[str, Any]:
+    """``--opt key=value``: the value is read as a Python literal (8, 0.1, True, [0, 1], 'x') or kept as text."""
+    import ast
+
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip().isidentifier():
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE (e.g. r=8 or targets='.*q_proj'), got {text!r}")
+    try:
+        value = ast.literal_eval(raw)
+    except (ValueError, SyntaxError):
+        value = raw
+    return key.strip(), value
+
+
+def _add_opt(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--opt", metavar="KEY=VALUE", type=_key_value, action="append",
+        help="any option of the method, as adaptc.inject takes it (repeatable), e.g. --opt r=4 --opt rank_pattern={'c_attn':2}",
+    )
+
+
+_MAIN_EPILOG = """\
+examples (model file to ONNX Runtime):
+  adaptc inspect examples/tiny_gpt2.py --plot sites.png
+  adaptc inject  examples/text_classification.py --method lora --r 8 -o out/
+  adaptc train   examples/text_classification.py --adapter out/ --steps 20 --lr 2e-3
+  adaptc export  examples/text_classification.py --adapter out/best -o model.onnx
+
+`adaptc COMMAND --help` shows each command's options and examples.
+"""
+
 _INSPECT_EPILOG = """\
-example:
+examples:
   adaptc inspect examples/tiny_gpt2.py
+  adaptc inspect examples/tiny_gpt2.py --r 4 --plot sites.png
 
 model.py defines build_model() (returns the nn.Module) and example_inputs() (the inputs of one
 call: a dict of keyword inputs, a tuple of positional inputs, or (args, kwargs)).
@@ -287,6 +347,7 @@ examples:
   adaptc inject examples/tiny_gpt2.py --method lora
   adaptc inject examples/tiny_gpt2.py --method lora --r 4 --alpha 16 --targets '.*\\.attn\\..*'
   adaptc inject examples/tiny_gpt2.py --method lora --target c_attn --layers 0
+  adaptc inject examples/tiny_gpt2.py --method lora --opt "rank_pattern={'c_attn': 2}" -o out/
 
 --targets is a regular expression matched in full against site names (or 'all-linear':
 every linear-like site but the output head); --target/--exclude take site names or
@@ -298,7 +359,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog=PROG,
         description="adaptc: a model-agnostic adapter compiler (LoRA as torch.fx graph passes).",
-        epilog="example:\n  adaptc inspect examples/tiny_gpt2.py\n  adaptc inject examples/tiny_gpt2.py --method lora",
+        epilog=_MAIN_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--debug", action="store_true", help="on error, print the full traceback")
@@ -315,6 +376,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=_INSPECT_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     inspect_p.add_argument("--r", type=int, default=_LORA_DEFAULTS["r"], help="rank used for the parameter column (default: %(default)s)")
+    inspect_p.add_argument("--plot", metavar="PNG", help="also draw, per layer, where adapters would go and the parameters each adds")
     inspect_p.set_defaults(func=cmd_inspect)
 
     inject_p = sub.add_parser(
@@ -339,8 +401,12 @@ def build_parser() -> argparse.ArgumentParser:
     inject_p.add_argument(
         "-o", "--output", metavar="DIR", help="save the fresh adapter there (PEFT format: adapter_config.json + .safetensors)"
     )
+    _add_opt(inject_p)
     inject_p.set_defaults(func=cmd_inject)
     _add_export_parser(sub, common)
+    from .cli_train import add_train_parser
+
+    add_train_parser(sub, common, _Parser)
     return parser
 
 
@@ -382,6 +448,7 @@ def _add_export_parser(sub: Any, common: argparse.ArgumentParser) -> None:
     export_p.add_argument("--rslora", action="store_true", help="scale by alpha/sqrt(r)")
     export_p.add_argument("--dora", action="store_true", help="DoRA")
     export_p.add_argument("--init", choices=LORA_INITS, help=f"adapter initialisation (default: {d['init']})")
+    _add_opt(export_p)
     export_p.set_defaults(func=cmd_export)
 
 
@@ -439,4 +506,8 @@ def _report(message: str) -> None:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    # Run the package's copy of this module, not __main__: the commands in other modules
+    # (cli_train) raise adaptc.cli.CliError, which must be the class main() catches.
+    from adaptc.cli import main as _main
+
+    raise SystemExit(_main())

@@ -31,3 +31,7 @@ class ExportError(AdaptcError):
 
 class CheckpointError(AdaptcError):
     """An adapter checkpoint cannot be saved or loaded (missing/extra key, shape, format); nothing was changed."""
+
+
+class TrainingError(AdaptcError):
+    """Training stopped: a NaN/inf loss or gradient, or batches the model cannot take; no bad weights were saved."""

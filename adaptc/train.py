@@ -1,0 +1,552 @@
+"""A training loop for adapters: AdamW, warm-up + cosine decay, accumulation, checkpoints, resume.
+
+``adaptc train`` uses it, and so can Python code::
+
+    am = adaptc.inject(model, "lora", example_inputs=inputs)
+    result = adaptc.train(am, batches, config=adaptc.TrainConfig(steps=100, lr=1e-3), output_dir="out/")
+
+``batches`` is a list of input dicts, or a function returning an iterable of them (called once per
+epoch, after seeding torch's RNG with ``seed + epoch`` so that shuffling or augmentation drawn from
+it is reproducible, and repeated exactly on ``resume``). A batch's entries that the model's
+``forward`` takes by name go to the model; the others (labels for a ``loss``) stay for ``loss`` and
+``metric``. The loss is ``loss(output, batch)`` when given, else ``output.loss``.
+
+Only parameters with ``requires_grad`` (the active adapter's) are optimized. With ``output_dir``,
+``last/`` and ``best/`` checkpoints (adapter + optimizer, scheduler, step, data position and RNG
+state, see :mod:`adaptc.train_state`) are written atomically at every evaluation point and at the
+end, with ``train_log.json`` and ``loss.png``; ``resume=True`` continues from ``last/`` and gives the
+same weights as an uninterrupted run. A NaN or infinite loss or gradient stops training before the
+optimizer step, so no NaN ever reaches the weights or a checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import json
+import math
+import sys
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .atomic import atomic_write_text
+from .errors import CheckpointError, ConfigError, InputError, TrainingError
+from .train_state import checkpoint_dir, load_state, save_checkpoint
+
+LOG_NAME = "train_log.json"
+PLOT_NAME = "loss.png"
+DEFAULT_EVALS = 5  # evaluation / checkpoint points over a run when eval_every is not given
+
+Batch = Mapping[str, Any]
+LossFn = Callable[[Any, Batch], torch.Tensor]
+MetricFn = Callable[[Any, Batch], Any]
+
+
+@dataclass
+class TrainConfig:
+    """Options of :func:`train`. Give ``steps`` (optimizer steps) or ``epochs`` (passes over the batches)."""
+
+    steps: int | None = None
+    epochs: float | None = None
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    warmup: float = 0.1  # < 1: a fraction of the steps; >= 1: a number of steps
+    batch_accum: int = 1  # micro-batches per optimizer step
+    bf16: bool = False  # bfloat16 autocast for the forward pass
+    max_grad_norm: float | None = 1.0
+    eval_every: int | None = None  # steps between evaluations and checkpoints (default: 5 over the run)
+    seed: int = 0
+    progress: bool = True
+
+    def validate(self) -> None:
+        if (self.steps is None) == (self.epochs is None):
+            raise ConfigError("give exactly one of steps (optimizer steps) or epochs (passes over the batches)")
+        if self.steps is not None and (not _is_int(self.steps) or self.steps <= 0):
+            raise ConfigError(f"steps must be a positive integer, got {self.steps!r}")
+        if self.epochs is not None and (not _is_number(self.epochs) or not self.epochs > 0):
+            raise ConfigError(f"epochs must be a positive number, got {self.epochs!r}")
+        if not _is_number(self.lr) or not 0 < self.lr < math.inf:
+            raise ConfigError(f"lr must be a positive number (e.g. 1e-3), got {self.lr!r}")
+        if not _is_number(self.weight_decay) or self.weight_decay < 0:
+            raise ConfigError(f"weight_decay must be >= 0, got {self.weight_decay!r}")
+        if not _is_number(self.warmup) or self.warmup < 0:
+            raise ConfigError(f"warmup must be a fraction of the steps (< 1) or a number of steps, got {self.warmup!r}")
+        if not _is_int(self.batch_accum) or self.batch_accum <= 0:
+            raise ConfigError(f"batch_accum must be a positive integer, got {self.batch_accum!r}")
+        if self.max_grad_norm is not None and (not _is_number(self.max_grad_norm) or not self.max_grad_norm > 0):
+            raise ConfigError(f"max_grad_norm must be a positive number or None, got {self.max_grad_norm!r}")
+        if self.eval_every is not None and (not _is_int(self.eval_every) or self.eval_every <= 0):
+            raise ConfigError(f"eval_every must be a positive integer, got {self.eval_every!r}")
+
+    def warmup_steps(self, total: int) -> int:
+        return min(total, int(self.warmup) if self.warmup >= 1 else round(self.warmup * total))
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and not math.isnan(value)
+
+
+def lr_factor(step: int, warmup: int, total: int) -> float:
+    """Linear warm-up from 0 over ``warmup`` steps, then cosine decay to 0 at ``total``."""
+    if step < warmup:
+        return (step + 1) / (warmup + 1)
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+@dataclass
+class TrainResult:
+    """What :func:`train` did. ``evals`` holds every evaluation, the first at step 0 (before training)."""
+
+    steps: int
+    start_step: int
+    first_loss: float | None
+    last_loss: float | None
+    evals: list[dict[str, float]]
+    best: dict[str, float] | None
+    seconds: float
+    samples_per_s: float
+    output_dir: str | None = None
+    files: dict[str, str] = field(default_factory=dict)  # last / best / log / plot -> path
+
+
+# --- batches ---------------------------------------------------------------------------------------
+
+class _Batches:
+    """Epoch-by-epoch access to the user's batches, reproducible for resume."""
+
+    def __init__(self, batches: Any, seed: int) -> None:
+        if isinstance(batches, Mapping) or not (callable(batches) or isinstance(batches, Iterable)):
+            raise InputError(
+                f"batches must be a list of input dicts or a function returning an iterable of them, "
+                f"got {type(batches).__name__}"
+            )
+        self.source, self.seed = batches, seed
+        self.one_shot = not callable(batches) and iter(batches) is batches  # a generator: one epoch only
+
+    def epoch(self, index: int) -> Iterator[Batch]:
+        if self.one_shot and index > 0:
+            raise InputError(
+                "the batches are a one-shot iterator (a generator) and ran out; pass a list or a function "
+                "that returns a fresh iterable, as model.py's train_batches() does"
+            )
+        if callable(self.source):
+            torch.manual_seed(self.seed + index)  # shuffling drawn from torch's RNG repeats on resume
+            return iter(self.source())
+        return iter(self.source)
+
+    def count(self) -> int:
+        """Batches in one epoch (iterates once when the iterable has no len)."""
+        if not callable(self.source) and hasattr(self.source, "__len__"):
+            return len(self.source)
+        if self.one_shot:
+            raise InputError("epochs needs batches with a known length; pass a list or a function, or give steps")
+        rng = torch.get_rng_state()
+        try:
+            return sum(1 for _ in self.epoch(0))
+        finally:
+            torch.set_rng_state(rng)
+
+
+class _Caller:
+    """Splits a batch into the model's inputs and the rest, and moves tensors to the model's device."""
+
+    def __init__(self, am: nn.Module, device: torch.device) -> None:
+        self.device = device
+        base = getattr(am, "base_model", am)
+        params = inspect.signature(base.forward).parameters.values()
+        named = {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+        self.takes_any = any(p.kind == p.VAR_KEYWORD for p in params)
+        example = getattr(am, "example_inputs", None)
+        example_kwargs = dict(example.kwargs) if example is not None else {}
+        self.accepted = named | set(example_kwargs)
+        # Non-tensor options of the captured call (use_cache=False) apply to every batch that omits them.
+        self.constants = {k: v for k, v in example_kwargs.items() if not isinstance(v, torch.Tensor)}
+
+    def inputs(self, batch: Any) -> dict[str, Any]:
+        if not isinstance(batch, Mapping):
+            raise InputError(
+                f"each batch must be a dict of inputs by name (as model(**batch) takes them), got {type(batch).__name__}"
+            )
+        given = {k: v for k, v in batch.items() if k in self.accepted}
+        if not given:
+            raise InputError(
+                f"no entry of the batch {sorted(batch)} is an input of the model's forward; name the entries as "
+                "forward's arguments (e.g. input_ids, pixel_values, x)"
+            )
+        merged = {**self.constants, **given}
+        return {k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in merged.items()}
+
+    def batch_on_device(self, batch: Batch) -> dict[str, Any]:
+        return {k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+def _batch_size(batch: Mapping[str, Any]) -> int:
+    for value in batch.values():
+        if isinstance(value, torch.Tensor) and value.dim() > 0:
+            return int(value.shape[0])
+    return 1
+
+
+def compute_loss(output: Any, batch: Batch, loss: LossFn | None) -> torch.Tensor:
+    """``loss(output, batch)`` when given, else ``output.loss``; a scalar tensor."""
+    if loss is not None:
+        value = loss(output, batch)
+    else:
+        value = output.get("loss") if isinstance(output, Mapping) else getattr(output, "loss", None)
+        if value is None:
+            raise InputError(
+                f"the model's output ({type(output).__name__}) has no .loss; define loss(output, batch) in "
+                "model.py (or pass loss= to adaptc.train), or include the labels the model needs in each batch"
+            )
+    if not isinstance(value, torch.Tensor) or value.numel() != 1:
+        raise InputError(f"the loss must be a scalar tensor, got {type(value).__name__}"
+                         + (f" of shape {tuple(value.shape)}" if isinstance(value, torch.Tensor) else ""))
+    return value.reshape(())
+
+
+# --- evaluation ------------------------------------------------------------------------------------
+
+def evaluate(
+    am: nn.Module,
+    batches: Any,
+    *,
+    loss: LossFn | None = None,
+    metric: MetricFn | None = None,
+    bf16: bool = False,
+) -> dict[str, float]:
+    """Mean loss (when one can be computed) and ``metric(output, batch)`` over ``batches``, in eval mode.
+
+    Both are averaged weighted by batch size (the first dimension of the batch's first tensor),
+    so a metric returning a batch's accuracy gives the accuracy over all examples.
+    """
+    device = _device_of(am)
+    caller = _Caller(am, device)
+    was_training = am.training
+    am.eval()
+    totals: dict[str, float] = {}
+    count = 0
+    try:
+        # fork_rng: evaluation (a batches function is seeded, a model may draw) must not move the training RNG,
+        # or a run resumed from a checkpoint taken just before an evaluation would diverge.
+        with torch.random.fork_rng(devices=[]), torch.no_grad(), _autocast(device, bf16):
+            for batch in _Batches(batches, 0).epoch(0):
+                output = am(**caller.inputs(batch))
+                on_device = caller.batch_on_device(batch)
+                n = _batch_size(batch)
+                count += n
+                try:
+                    totals["loss"] = totals.get("loss", 0.0) + n * float(compute_loss(output, on_device, loss))
+                except InputError:
+                    if loss is not None:
+                        raise
+                if metric is not None:
+                    totals["metric"] = totals.get("metric", 0.0) + n * float(metric(output, on_device))
+    finally:
+        am.train(was_training)
+    if count == 0:
+        raise InputError("the evaluation batches are empty")
+    return {k: v / count for k, v in totals.items()}
+
+
+def _device_of(am: nn.Module) -> torch.device:
+    for p in am.parameters():
+        if p.requires_grad:
+            return p.device
+    return next(am.parameters()).device
+
+
+def _autocast(device: torch.device, bf16: bool) -> Any:
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16)
+
+
+# --- the loop --------------------------------------------------------------------------------------
+
+def train(
+    am: nn.Module,
+    batches: Any,
+    *,
+    config: TrainConfig | None = None,
+    loss: LossFn | None = None,
+    eval_batches: Any = None,
+    metric: MetricFn | None = None,
+    output_dir: str | Path | None = None,
+    resume: bool = False,
+    **options: Any,
+) -> TrainResult:
+    """Train the parameters of ``am`` that require grad; see the module docstring. Returns a :class:`TrainResult`.
+
+    ``config`` or keyword options (``steps=100, lr=1e-3, ...``, the fields of :class:`TrainConfig`).
+    Raises TrainingError on a NaN/inf loss or gradient (after saving the log), and re-raises
+    KeyboardInterrupt after writing ``last/`` at the last completed step.
+    """
+    config = _make_config(config, options)
+    if resume and output_dir is None:
+        raise ConfigError("resume needs output_dir, the folder whose last/ checkpoint to continue from")
+    root = Path(output_dir) if output_dir is not None else None
+    if root is not None and root.exists() and not root.is_dir():
+        raise InputError(f"output_dir {str(root)!r} is a file; pass a folder")
+    params = [p for p in am.parameters() if p.requires_grad]
+    if not params:
+        raise InputError("the model has no parameter that requires grad; inject or load an adapter first")
+    data = _Batches(batches, config.seed)
+    total = config.steps if config.steps is not None else math.ceil(config.epochs * data.count() / config.batch_accum)
+    if total <= 0:
+        raise InputError("the batches are empty; train_batches() must yield at least one batch")
+    warmup = config.warmup_steps(total)
+    eval_every = config.eval_every or max(1, math.ceil(total / DEFAULT_EVALS))
+    schedule = {"total_steps": total, "warmup_steps": warmup, "lr": config.lr, "weight_decay": config.weight_decay,
+                "batch_accum": config.batch_accum, "seed": config.seed, "bf16": config.bf16,
+                "max_grad_norm": config.max_grad_norm}
+
+    device = _device_of(am)
+    caller = _Caller(am, device)
+    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, warmup, total))
+    run = _Run(am, root, schedule, config)
+
+    if resume:
+        run.resume(optimizer, scheduler)
+    else:
+        torch.manual_seed(config.seed)
+        if eval_batches is not None:  # step 0: the figure before training
+            run.record_eval(0, evaluate(am, eval_batches, loss=loss, metric=metric, bf16=config.bf16))
+
+    from tqdm.auto import tqdm
+
+    epoch, index = run.position
+    iterator = _skip(data.epoch(epoch), index)
+    if resume:
+        torch.set_rng_state(run.rng)  # after re-creating the epoch's data, as the interrupted run had
+    am.train()
+    bar = tqdm(total=total, initial=run.step, desc="train", unit="step", disable=not config.progress,
+               file=sys.stderr, dynamic_ncols=True)
+    micro: list[float] = []
+    samples, t_start, t_eval = 0, time.perf_counter(), 0.0
+    try:
+        while run.step < total:
+            try:
+                batch = next(iterator)
+            except StopIteration:
+                if index == 0:
+                    raise InputError(f"epoch {epoch} yielded no batch; train_batches() must yield batches every time") from None
+                epoch, index = epoch + 1, 0
+                iterator = data.epoch(epoch)
+                continue
+            index += 1
+            with _autocast(device, config.bf16):
+                output = am(**caller.inputs(batch))
+                value = compute_loss(output, caller.batch_on_device(batch), loss).float()
+            if not torch.isfinite(value):
+                raise run.nan_error(f"the loss is {value.item()}", len(micro) + 1, optimizer)
+            (value / config.batch_accum).backward()
+            micro.append(value.item())
+            samples += _batch_size(batch)
+            if len(micro) < config.batch_accum:
+                continue
+            if config.max_grad_norm is not None:
+                norm = torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
+                if not torch.isfinite(norm):
+                    raise run.nan_error(f"the gradient norm is {norm.item()}", len(micro), optimizer)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            run.step += 1
+            run.position = (epoch, index)
+            run.rng = torch.get_rng_state()
+            seconds = time.perf_counter() - t_start - t_eval
+            rate = samples / seconds if seconds > 0 else 0.0
+            run.record_step(sum(micro) / len(micro), optimizer.param_groups[0]["lr"], rate)
+            micro = []
+            bar.update(1)
+            bar.set_postfix(loss=f"{run.log['steps'][-1]['loss']:.4f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}",
+                            samples_s=f"{rate:.1f}")
+            if run.step % eval_every == 0 or run.step == total:
+                t0 = time.perf_counter()
+                result = None
+                if eval_batches is not None:
+                    result = evaluate(am, eval_batches, loss=loss, metric=metric, bf16=config.bf16)
+                    run.record_eval(run.step, result)
+                    bar.write(f"step {run.step}: " + ", ".join(f"eval {k} {v:.4f}" for k, v in result.items()),
+                              file=sys.stderr)
+                run.checkpoint(optimizer, scheduler, result)
+                am.train()
+                t_eval += time.perf_counter() - t0
+    except KeyboardInterrupt:
+        _clear(bar)
+        run.checkpoint(optimizer, scheduler, None, force=False)
+        run.finish()
+        raise
+    except BaseException:
+        _clear(bar)  # the error message, not a half-drawn bar, is what the user should see last
+        raise
+    bar.close()
+    seconds = time.perf_counter() - t_start
+    run.finish()
+    return run.result(seconds - t_eval, samples)
+
+
+def _clear(bar: Any) -> None:
+    bar.leave = False
+    bar.close()
+
+
+def _make_config(config: TrainConfig | None, options: dict[str, Any]) -> TrainConfig:
+    if config is not None and options:
+        raise ConfigError(f"got a TrainConfig and keyword options {sorted(options)}; put the options in the config")
+    if config is None:
+        known = {f.name for f in dataclasses.fields(TrainConfig)}
+        unknown = sorted(set(options) - known)
+        if unknown:
+            raise ConfigError(f"unknown training option(s) {unknown}; known: {', '.join(sorted(known))}")
+        config = TrainConfig(**options)
+    config.validate()
+    return config
+
+
+def _skip(iterator: Iterator[Batch], count: int) -> Iterator[Batch]:
+    for _ in range(count):
+        if next(iterator, None) is None:
+            raise CheckpointError(
+                "the batches are shorter than when the checkpoint was written; resume needs the same train_batches()"
+            )
+    return iterator
+
+
+class _Run:
+    """The state of one training run: step, data position, log, best value, checkpoint files."""
+
+    def __init__(self, am: nn.Module, root: Path | None, schedule: dict[str, Any], config: TrainConfig) -> None:
+        self.am, self.root, self.schedule, self.config = am, root, schedule, config
+        self.step, self.start_step, self.saved_step = 0, 0, None
+        self.position = (0, 0)  # (epoch, batches consumed in it) at the last optimizer step
+        self.rng = torch.get_rng_state()
+        self.log: dict[str, Any] = {"schedule": schedule, "steps": [], "evals": [], "best": None}
+        self.best_score: float | None = None
+        self.since_checkpoint: list[float] = []
+        self.files: dict[str, str] = {}
+
+    def resume(self, optimizer: torch.optim.Optimizer, scheduler: Any) -> None:
+        assert self.root is not None
+        folder = checkpoint_dir(self.root, "last")
+        if folder is None:
+            raise CheckpointError(
+                f"nothing to resume: {self.root / 'last'} has no trainer state; train once without --resume first"
+            )
+        state = load_state(folder)
+        changed = {k: (state["schedule"].get(k), v) for k, v in self.schedule.items() if state["schedule"].get(k) != v}
+        if changed:
+            text = ", ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in changed.items())
+            raise ConfigError(
+                f"{folder} was trained with other options ({text}); resume with the same options, "
+                f"or delete {folder} to start over"
+            )
+        layers = self.am.adapters[self.am.active_adapter]
+        try:
+            layers.load_state_dict(state["adapter"])
+            optimizer.load_state_dict(state["optimizer"])
+        except (RuntimeError, ValueError, KeyError) as exc:
+            raise CheckpointError(
+                f"{folder} does not fit this adapter ({str(exc).splitlines()[0]}); resume with the adapter it was trained "
+                f"from, or delete {folder} to start over"
+            ) from exc
+        scheduler.load_state_dict(state["scheduler"])
+        self.step = self.start_step = self.saved_step = int(state["step"])
+        self.position = tuple(int(v) for v in state["position"])
+        self.rng = state["rng"]
+        self.log = json.loads(state["log"])
+        self.best_score = state["best_score"]
+
+    def record_step(self, loss: float, lr: float, rate: float) -> None:
+        self.log["steps"].append({"step": self.step, "loss": loss, "lr": lr, "samples_per_s": rate})
+        self.since_checkpoint.append(loss)
+
+    def record_eval(self, step: int, result: dict[str, float]) -> None:
+        self.log["evals"].append({"step": step, **result})
+
+    def _score(self, result: dict[str, float] | None) -> tuple[str, float] | None:
+        # Higher metric is better; else lower loss (eval loss, or the train loss since the last checkpoint).
+        if result and "metric" in result:
+            return "metric", result["metric"]
+        if result and "loss" in result:
+            return "eval_loss", -result["loss"]
+        if self.since_checkpoint:
+            return "train_loss", -sum(self.since_checkpoint) / len(self.since_checkpoint)
+        return None
+
+    def checkpoint(self, optimizer: Any, scheduler: Any, result: dict[str, float] | None, force: bool = True) -> None:
+        if self.root is None or self.saved_step == self.step or (not force and self.step == self.start_step):
+            return
+        score = self._score(result) if force else None
+        improved = score is not None and (self.best_score is None or score[1] > self.best_score)
+        if improved:
+            self.best_score = score[1]
+            name, value = score
+            self.log["best"] = {"step": self.step, name: value if name == "metric" else -value}
+        state = {
+            "schedule": self.schedule, "step": self.step, "position": list(self.position), "rng": self.rng,
+            "adapter": self.am.adapters[self.am.active_adapter].state_dict(),
+            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+            "log": json.dumps(self.log), "best_score": self.best_score,
+        }
+        self.files["last"] = str(save_checkpoint(self.am, self.root, "last", state))
+        if improved:
+            self.files["best"] = str(save_checkpoint(self.am, self.root, "best", state))
+        self.saved_step = self.step
+        self.since_checkpoint = []
+        self._write_log()
+
+    def _write_log(self) -> None:
+        if self.root is None:
+            return
+        self.root.mkdir(parents=True, exist_ok=True)
+        path = self.root / LOG_NAME
+        atomic_write_text(path, json.dumps(self.log, indent=1) + "\n")
+        self.files["log"] = str(path)
+
+    def finish(self) -> None:
+        if self.root is None:
+            return
+        self._write_log()
+        from .plot import loss_curve
+
+        plot = loss_curve(self.log, self.root / PLOT_NAME)
+        if plot is not None:
+            self.files["plot"] = str(plot)
+        for name in ("last", "best"):
+            folder = checkpoint_dir(self.root, name)
+            if folder is not None:
+                self.files[name] = str(folder)
+
+    def nan_error(self, what: str, micro: int, optimizer: torch.optim.Optimizer) -> TrainingError:
+        optimizer.zero_grad(set_to_none=True)
+        self.finish()
+        saved = (f"the last checkpoint, {self.root / 'last'}, is from step {self.saved_step}" if self.saved_step
+                 else "no checkpoint was written")
+        hint = f"lower the learning rate (now {self.config.lr:g})"
+        if self.config.bf16:
+            hint += ", train without bf16"
+        return TrainingError(
+            f"{what} at step {self.step + 1} (micro-batch {micro}); training stopped before the optimizer step, so no "
+            f"NaN reached the weights and {saved}; {hint}, or check loss() and the batches"
+        )
+
+    def result(self, seconds: float, samples: int) -> TrainResult:
+        steps = self.log["steps"]
+        return TrainResult(
+            steps=self.step, start_step=self.start_step,
+            first_loss=steps[0]["loss"] if steps else None, last_loss=steps[-1]["loss"] if steps else None,
+            evals=list(self.log["evals"]), best=self.log["best"], seconds=seconds,
+            samples_per_s=samples / seconds if seconds > 0 else 0.0,
+            output_dir=str(self.root) if self.root is not None else None, files=dict(self.files),
+        )
