@@ -189,7 +189,9 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     from adaptc.passes.lora import lora_param_count
     from adaptc.passes.selection import matches
 
-    make_config(args.method, {"r": args.r})  # an unknown method or bad rank fails before the model is built
+    if make_config(args.method, {}).method != "lora":  # an unknown method fails before the model is built
+        return _inspect_prompt_method(args)
+    make_config(args.method, {"r": args.r})  # a bad rank fails before the model is built
     if args.plot is not None:
         _check_output_file(args.plot, ".png")
     model, example = build_from_file(args.model_file)
@@ -236,6 +238,38 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _inspect_prompt_method(args: argparse.Namespace) -> int:
+    """Where a prompt method would act: the attention ops (prefix) or the sequence entry (prompt, ptuning)."""
+    from adaptc.passes.attention import canonicalize
+    from adaptc.passes.sequence import find_attention_sites, find_sequence_entry
+
+    from .capture import capture
+
+    config = make_config(args.method, {})
+    if args.plot is not None:
+        raise CliError(f"--plot draws LoRA sites; it is not available with --method {config.method}")
+    model, example = build_from_file(args.model_file)
+    inputs = normalize_inputs(example)
+    graph = capture(model, inputs)
+    tokens = config.num_virtual_tokens
+    print(f"{type(model).__name__} from {args.model_file}, inputs {inputs.describe()}")
+    if config.method == "prefix":
+        graph.transform_graphs(canonicalize, remember=False)
+        sites = find_attention_sites(graph)
+        if not sites:
+            raise CliError(f"{type(model).__name__} has no attention op for prefix tuning; use --method lora")
+        rows = [[s.name, s.heads, s.source_kv_heads, s.head_dim, _n(tokens * s.source_kv_heads * (s.head_dim + s.value_dim))]
+                for s in sites]
+        print(table(["attention", "heads", "kv heads", "head dim", f"prefix params ({tokens} tokens)"], rows, right=(1, 2, 3, 4)))
+        print(f"total: {len(sites)} attention ops; prefix tuning adds {_n(sum(int(r[4].replace(',', '')) for r in rows))}")
+        return 0
+    entry = find_sequence_entry(graph, model, inputs, config.method)
+    print(f"virtual tokens enter at: {entry.describe()}")
+    print(f"{tokens} virtual tokens x hidden {entry.hidden} = {_n(tokens * entry.hidden)} prompt parameters"
+          + (" (plus the P-tuning encoder)" if config.method == "ptuning" else ""))
+    return 0
+
+
 def _check_output_file(path_arg: str, suffix: str) -> None:
     path = Path(path_arg)
     if path.suffix.lower() != suffix:
@@ -277,7 +311,32 @@ def cmd_inject(args: argparse.Namespace) -> int:
     quant = make_quant_config(args.quantize, compute_dtype=args.compute_dtype) if args.quantize else None
     model, example = build_from_file(args.model_file)
     adapted = inject(model, config, example_inputs=example, quantize=quant)
+    if config.method != "lora":
+        _report_prompt_method(adapted, config, model, args)
+    else:
+        _report_lora(adapted, config, model, args)
+    print(adapted.trainable_summary(print_it=False))
+    if quant is not None:
+        size = weight_bytes(model)["quantized"]
+        print(f"quantized base: {quant.format} linear weights take {size / 2**20:.2f} MiB (compute {quant.compute_dtype})")
+    if args.output is not None:  # a starting point to train, or to load with PEFT
+        for path in adapted.save_adapter(args.output):
+            print(f"adapter saved to {path}")
+    return 0
 
+
+def _report_prompt_method(adapted: Any, config: Any, model: nn.Module, args: argparse.Namespace) -> None:
+    settings = " ".join(f"{k}={v!r}" for k, v in config.to_dict().items() if k != "method")
+    print(f"{config.method}: {settings}")
+    if config.method == "prefix":
+        print(f"{type(model).__name__} from {args.model_file}: {len(adapted.sites)} attention ops get a prefix")
+        rows = [[s.name, s.heads, s.source_kv_heads, s.head_dim] for s in adapted.sites]
+        print(table(["attention", "heads", "kv heads", "head dim"], rows, right=(1, 2, 3)))
+    else:
+        print(f"{type(model).__name__} from {args.model_file}: virtual tokens enter at {adapted.sites[0].describe()}")
+
+
+def _report_lora(adapted: Any, config: Any, model: nn.Module, args: argparse.Namespace) -> None:
     extras = " rslora" * config.rslora + " dora" * config.use_dora
     print(
         f"{config.method}: r={config.r} alpha={config.alpha:g} dropout={config.dropout:g} init={config.init}{extras} "
@@ -290,14 +349,6 @@ def cmd_inject(args: argparse.Namespace) -> int:
         [s.name, s.op, s.shapes(), _in_out(s), config.rank_for(s.name), _n(s.params_added)] for s in adapted.sites
     ]
     print(table(["site", "op", "weight", "in->out", "r", "params added"], rows, right=(4, 5)))
-    print(adapted.trainable_summary(print_it=False))
-    if quant is not None:
-        size = weight_bytes(model)["quantized"]
-        print(f"quantized base: {quant.format} linear weights take {size / 2**20:.2f} MiB (compute {quant.compute_dtype})")
-    if args.output is not None:  # a starting point to train, or to load with PEFT
-        for path in adapted.save_adapter(args.output):
-            print(f"adapter saved to {path}")
-    return 0
 
 
 # --- the parser ---------------------------------------------------------------------------------

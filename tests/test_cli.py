@@ -230,3 +230,18 @@ def test_inject_output_saves_an_adapter_that_loads(capsys, tmp_path):
         assert layer.r == 4
         torch.testing.assert_close(layer.lora_A.detach(), saved[f"base_model.model.{name}.lora_A.weight"])
         torch.testing.assert_close(layer.lora_B.detach(), saved[f"base_model.model.{name}.lora_B.weight"])
+
+
+def test_prompt_methods_from_the_command_line(capsys, tmp_path):
+    assert main(["inspect", TINY, "--method", "prefix"]) == 0
+    out = capsys.readouterr().out
+    assert "transformer.h.0.attn" in out and "transformer.h.1.attn" in out
+    assert main(["inject", TINY, "--method", "prompt", "--opt", "num_virtual_tokens=8", "-o", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "transformer.wte" in out and "trainable params: 512 " in out  # 8 tokens x hidden 64
+    import torch
+
+    import adaptc
+
+    am = adaptc.load_adapter(_tiny_model(), tmp_path, example_inputs={"input_ids": torch.randint(0, 128, (2, 16))})
+    assert am.adapter_config.method == "prompt" and am.adapter_config.num_virtual_tokens == 8
