@@ -89,7 +89,7 @@ def build_adapter(adapted: AdaptedModel, name: str, method: Any, options: dict[s
 
 
 def _build_lora(adapted: AdaptedModel, config: LoraConfig, prefix: str) -> AdapterBuild:
-    from adaptc.passes import lora
+    from adaptc.passes import lora, lora_fused
     from adaptc.passes.selection import select
     from adaptc.passes.sites import site_key
 
@@ -102,6 +102,8 @@ def _build_lora(adapted: AdaptedModel, config: LoraConfig, prefix: str) -> Adapt
 
     def lora_pass(gm: CapturedGraphModule) -> None:
         count = lora.insert(gm, model, by_name, prefix)
+        if config.fuse_siblings:
+            lora_fused.fuse_siblings(gm, prefix)
         if count < expected_uses:
             raise AdaptcError(
                 f"the LoRA pass found {count} of the {expected_uses} selected op uses in a newly captured graph "

@@ -530,6 +530,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     debug = "--debug" in args_list
     try:
         args = build_parser().parse_args(args_list)
+        args.argv = args_list  # `train --nproc` relaunches the same command line under torchrun
         return args.func(args)
     except SystemExit as exc:  # --help, and argparse's own exits
         return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else EXIT_USAGE)

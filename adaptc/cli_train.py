@@ -58,6 +58,14 @@ def add_train_parser(sub: Any, common: argparse.ArgumentParser, parser_class: ty
     p.add_argument("--device", default="cpu", help="torch device to train on, e.g. cpu, cuda (default: %(default)s)")
     p.add_argument("--resume", action="store_true", help="continue from DIR/last after an interruption")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    launch = p.add_argument_group("several processes (torchrun; DDP over the adapter gradients)")
+    launch.add_argument("--nproc", type=int, default=1, metavar="N", help="processes per node (default: %(default)s); "
+                        "each takes every N-th batch, rank 0 writes the checkpoints")
+    launch.add_argument("--nnodes", default="1", help="nodes (default: %(default)s); with more than one, run the same "
+                        "command on each node with its --node-rank")
+    launch.add_argument("--node-rank", type=int, help="this node's index, 0 .. nnodes-1")
+    launch.add_argument("--rdzv-endpoint", metavar="HOST:PORT", help="rendezvous address reachable from every node")
+    launch.add_argument("--rdzv-id", help="a job id shared by the nodes (default: adaptc)")
     p.set_defaults(func=cmd_train)
 
 
@@ -112,8 +120,11 @@ def _function(module: types.ModuleType, name: str, path_arg: str, required: str 
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    import os
+
     import torch
 
+    from . import distributed
     from .checkpoint import load_adapter
     from .cli import CliError, build_module_from_file, load_model_file
     from .train import TrainConfig, train
@@ -124,6 +135,14 @@ def cmd_train(args: argparse.Namespace) -> int:
         eval_every=args.eval_every, seed=args.seed, progress=not args.no_progress,
     )
     config.validate()  # bad options fail before the model is built
+    if not isinstance(args.nproc, int) or args.nproc < 1:
+        raise CliError(f"--nproc must be a positive integer (processes per node), got {args.nproc}")
+    if (args.nproc > 1 or str(args.nnodes) not in ("1", "1:1")) and "WORLD_SIZE" not in os.environ:
+        # The launcher: torchrun starts this same command (without the launch options) once per process.
+        return distributed.launch_torchrun(
+            distributed.without_launch_options(args.argv), args.nproc, nnodes=args.nnodes,
+            node_rank=args.node_rank, rdzv_endpoint=args.rdzv_endpoint, rdzv_id=args.rdzv_id,
+        )
     if not Path(args.model_file).expanduser().exists():
         load_model_file(args.model_file)  # raises its "not found" error before the adapter is looked at
     adapter = Path(args.adapter)
@@ -132,8 +151,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         if not adapter.exists():
             raise CliError(f"adapter folder {args.adapter!r} not found; {hint}")
         raise CliError(f"{args.adapter!r} holds no adapter_config.json; {hint}")
+    rank, world, launched_device = distributed.init_from_env()  # (0, 1, ...) when not launched by torchrun
     try:
-        device = torch.device(args.device)
+        device = launched_device if world > 1 else torch.device(args.device)
         torch.empty(0, device=device)
     except (RuntimeError, ValueError) as exc:
         raise CliError(f"--device {args.device!r} is not usable here ({str(exc).splitlines()[0]}); use cpu") from None
@@ -154,7 +174,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     am = load_adapter(model, adapter, example_inputs=example)
     am.to(device)
     summary = am.trainable_summary(print_it=False)
-    print(f"{type(model).__name__} from {path_arg} with the adapter in {args.adapter}: {summary}")
+    if rank == 0:
+        where = f" on {world} processes" if world > 1 else ""
+        print(f"{type(model).__name__} from {path_arg} with the adapter in {args.adapter}{where}: {summary}")
     try:
         result = train(
             am, _wrap_batches(batches, "train_batches()", path_arg, module), config=config,
@@ -167,7 +189,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(f"adaptc: interrupted; the last completed step is saved in {adapter / 'last'}: "
               "rerun the same command with --resume to go on", file=sys.stderr)
         return EXIT_INTERRUPTED
-    print(_report(result))
+    if rank == 0:
+        print(_report(result))
+    if world > 1:
+        torch.distributed.destroy_process_group()
     return 0
 
 

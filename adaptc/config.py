@@ -46,6 +46,9 @@ class LoraConfig:
     init: str = "default"
     rank_pattern: dict[str, int] = field(default_factory=dict)
     alpha_pattern: dict[str, float] = field(default_factory=dict)
+    # One fused LoRA node per group of linear sites reading the same input (passes/lora_fused.py);
+    # a run-time choice, not saved with the adapter.
+    fuse_siblings: bool = True
 
     method = "lora"
 
@@ -78,6 +81,8 @@ class LoraConfig:
             raise ConfigError(f"dropout must be in [0, 1), got {self.dropout!r}")
         if self.init not in LORA_INITS:
             raise ConfigError(f"init must be one of {', '.join(LORA_INITS)}, got {self.init!r}")
+        if not isinstance(self.fuse_siblings, bool):
+            raise ConfigError(f"fuse_siblings must be True or False, got {self.fuse_siblings!r}")
         if self.use_dora and self.init == "pissa":
             raise ConfigError("init='pissa' and use_dora=True cannot be combined; pick one")
         compile_selector(self.targets, "targets")

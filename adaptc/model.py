@@ -129,12 +129,14 @@ class AdaptedModel(nn.Module):
         """Remove an adapter: its nodes leave every graph and its parameters are dropped."""
         if name not in self.adapters:
             raise ConfigError(f"unknown adapter {name!r}; this model has: {', '.join(self.adapters)}")
+        from adaptc.passes import lora_fused
         from adaptc.passes import prefix as prefix_pass
 
         target = f"{ADAPTERS_ATTR}.{name}."
 
         def remove(gm: CapturedGraphModule) -> None:
             prefix_pass.remove(gm, target)
+            lora_fused.unfuse(gm, name)
             for node in list(gm.graph.nodes):
                 if node.op == "call_module" and node.target.startswith(target):
                     node.replace_all_uses_with(node.args[1])  # args: (x, base output, weight, bias)

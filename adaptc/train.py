@@ -300,7 +300,9 @@ def train(
     if not params:
         raise InputError("the model has no parameter that requires grad; inject or load an adapter first")
     data = _Batches(batches, config.seed)
-    total = config.steps if config.steps is not None else math.ceil(config.epochs * data.count() / config.batch_accum)
+    rank, world = _world()
+    # Under torch.distributed each rank takes every world-th batch, so an epoch is world times fewer steps.
+    total = config.steps if config.steps is not None else math.ceil(config.epochs * data.count() / config.batch_accum / world)
     if total <= 0:
         raise InputError("the batches are empty; train_batches() must yield at least one batch")
     warmup = config.warmup_steps(total)
@@ -313,7 +315,8 @@ def train(
     caller = _Caller(am, device)
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, warmup, total))
-    run = _Run(am, root, schedule, config)
+    run = _Run(am, root, schedule, config, writer=rank == 0)
+    model = _data_parallel(am, device) if world > 1 else am
 
     if resume:
         run.resume(optimizer, scheduler)
@@ -329,7 +332,7 @@ def train(
     if resume:
         torch.set_rng_state(run.rng)  # after re-creating the epoch's data, as the interrupted run had
     am.train()
-    bar = tqdm(total=total, initial=run.step, desc="train", unit="step", disable=not config.progress,
+    bar = tqdm(total=total, initial=run.step, desc="train", unit="step", disable=not config.progress or rank != 0,
                file=sys.stderr, dynamic_ncols=True)
     micro: list[float] = []
     samples, t_start, t_eval = 0, time.perf_counter(), 0.0
@@ -340,18 +343,25 @@ def train(
             except StopIteration:
                 if index == 0:
                     raise InputError(f"epoch {epoch} yielded no batch; train_batches() must yield batches every time") from None
+                if index < world:  # every rank sees the same count, so all stop here together
+                    raise InputError(
+                        f"epoch {epoch} has {index} batches, fewer than the {world} processes; each process needs "
+                        "at least one: use fewer processes or smaller batches"
+                    ) from None
                 epoch, index = epoch + 1, 0
                 iterator = data.epoch(epoch)
                 continue
             index += 1
+            if (index - 1) % world != rank:  # another rank's batch
+                continue
             with _autocast(device, config.bf16):
-                output = am(**caller.inputs(batch))
+                output = model(**caller.inputs(batch))
                 value = compute_loss(output, caller.batch_on_device(batch), loss).float()
-            if not torch.isfinite(value):
+            if not _finite_everywhere(value, world):  # every rank stops, or DDP's all-reduce would hang
                 raise run.nan_error(f"the loss is {value.item()}", len(micro) + 1, optimizer)
             (value / config.batch_accum).backward()
             micro.append(value.item())
-            samples += _batch_size(batch)
+            samples += _batch_size(batch) * world
             if len(micro) < config.batch_accum:
                 continue
             if config.max_grad_norm is not None:
@@ -366,7 +376,7 @@ def train(
             run.rng = torch.get_rng_state()
             seconds = time.perf_counter() - t_start - t_eval
             rate = samples / seconds if seconds > 0 else 0.0
-            run.record_step(sum(micro) / len(micro), optimizer.param_groups[0]["lr"], rate)
+            run.record_step(_mean_over_ranks(sum(micro) / len(micro), world), optimizer.param_groups[0]["lr"], rate)
             micro = []
             bar.update(1)
             bar.set_postfix(loss=f"{run.log['steps'][-1]['loss']:.4f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}",
@@ -377,8 +387,9 @@ def train(
                 if eval_batches is not None:
                     result = evaluate(am, eval_batches, loss=loss, metric=metric, bf16=config.bf16)
                     run.record_eval(run.step, result)
-                    bar.write(f"step {run.step}: " + ", ".join(f"eval {k} {v:.4f}" for k, v in result.items()),
-                              file=sys.stderr)
+                    if rank == 0:
+                            bar.write(f"step {run.step}: " + ", ".join(f"eval {k} {v:.4f}" for k, v in result.items()),
+                                  file=sys.stderr)
                 run.checkpoint(optimizer, scheduler, result)
                 am.train()
                 t_eval += time.perf_counter() - t0
@@ -394,6 +405,43 @@ def train(
     seconds = time.perf_counter() - t_start
     run.finish()
     return run.result(seconds - t_eval, samples)
+
+
+def _world() -> tuple[int, int]:
+    """(rank, world size) of an initialised torch.distributed group; (0, 1) without one."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _data_parallel(am: nn.Module, device: torch.device) -> nn.Module:
+    # Only the adapters require grad, so DDP's buckets carry adapter gradients only.
+    from torch.nn.parallel import DistributedDataParallel
+
+    return DistributedDataParallel(am, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+def _finite_everywhere(value: torch.Tensor, world: int) -> bool:
+    finite = torch.isfinite(value.detach()).to(torch.int32)
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+    return bool(finite.item())
+
+
+def _mean_over_ranks(value: float, world: int) -> float:
+    if world == 1:
+        return value
+    import torch.distributed as dist
+
+    tensor = torch.tensor([value], dtype=torch.float64)
+    if dist.get_backend() == "nccl":
+        tensor = tensor.cuda()
+    dist.all_reduce(tensor)
+    return tensor.item() / world
 
 
 def _clear(bar: Any) -> None:
@@ -426,8 +474,10 @@ def _skip(iterator: Iterator[Batch], count: int) -> Iterator[Batch]:
 class _Run:
     """The state of one training run: step, data position, log, best value, checkpoint files."""
 
-    def __init__(self, am: nn.Module, root: Path | None, schedule: dict[str, Any], config: TrainConfig) -> None:
+    def __init__(self, am: nn.Module, root: Path | None, schedule: dict[str, Any], config: TrainConfig,
+                 writer: bool = True) -> None:
         self.am, self.root, self.schedule, self.config = am, root, schedule, config
+        self.writer = writer  # under torch.distributed only rank 0 writes files; every rank keeps the state
         self.step, self.start_step, self.saved_step = 0, 0, None
         self.position = (0, 0)  # (epoch, batches consumed in it) at the last optimizer step
         self.rng = torch.get_rng_state()
@@ -499,15 +549,16 @@ class _Run:
             "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
             "log": json.dumps(self.log), "best_score": self.best_score,
         }
-        self.files["last"] = str(save_checkpoint(self.am, self.root, "last", state))
-        if improved:
-            self.files["best"] = str(save_checkpoint(self.am, self.root, "best", state))
+        if self.writer:
+            self.files["last"] = str(save_checkpoint(self.am, self.root, "last", state))
+            if improved:
+                self.files["best"] = str(save_checkpoint(self.am, self.root, "best", state))
         self.saved_step = self.step
         self.since_checkpoint = []
         self._write_log()
 
     def _write_log(self) -> None:
-        if self.root is None:
+        if self.root is None or not self.writer:
             return
         self.root.mkdir(parents=True, exist_ok=True)
         path = self.root / LOG_NAME
@@ -515,7 +566,7 @@ class _Run:
         self.files["log"] = str(path)
 
     def finish(self) -> None:
-        if self.root is None:
+        if self.root is None or not self.writer:
             return
         self._write_log()
         from .plot import loss_curve

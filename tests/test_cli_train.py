@@ -164,3 +164,46 @@ def test_train_resumes_from_last_in_the_cli(capsys, files, tmp_path):
     assert main(["train", TINY, "--adapter", out, "--steps", "4", "--no-progress", "--resume"]) == 0
     assert "trained steps 4->4" in capsys.readouterr().out
     assert (Path(out) / "last" / "adapter_model.safetensors").read_bytes() == before
+
+
+def test_train_nproc_2_equals_one_process_accumulating_2(tmp_path):
+    """`--nproc 2`: torchrun, DDP over gloo, each rank every 2nd batch. Averaged over the two ranks,
+    the gradient is one process's gradient accumulated over the same two batches, so the adapters
+    must agree (an independent reference: the single-process run)."""
+    from safetensors.torch import load_file
+
+    # The tiny classifier without its dropout: the ranks' masks would differ from one process's.
+    model_file = tmp_path / "no_dropout.py"
+    model_file.write_text(
+        "import importlib.util\n"
+        f"spec = importlib.util.spec_from_file_location('tiny_base', {TINY!r})\n"
+        "base = importlib.util.module_from_spec(spec)\n"
+        "spec.loader.exec_module(base)\n"
+        "example_inputs, train_batches, loss = base.example_inputs, base.train_batches, base.loss\n"
+        "def build_model():\n"
+        "    model = base.build_model()\n"
+        "    model.drop.p = 0.0\n"
+        "    return model\n"
+    )
+    model = str(model_file)
+    for name in ("one", "two"):
+        assert main(["inject", model, "--method", "lora", "--r", "4", "--targets", ".*", "-o", str(tmp_path / name)]) == 0
+    common = ["--steps", "4", "--lr", "1e-2", "--no-progress", "--eval-every", "4"]
+    one = subprocess.run([*ADAPTC, "train", model, "--adapter", str(tmp_path / "one"), "--batch-accum", "2", *common],
+                         capture_output=True, text=True, timeout=600)
+    assert one.returncode == 0, one.stderr
+    two = subprocess.run([*ADAPTC, "train", model, "--adapter", str(tmp_path / "two"), "--nproc", "2", *common],
+                         capture_output=True, text=True, timeout=600)
+    assert two.returncode == 0, two.stderr
+    assert "on 2 processes" in two.stdout and two.stdout.count("trained steps 0->4") == 1  # rank 0 reports
+    a = load_file(tmp_path / "one" / "last" / "adapter_model.safetensors")
+    b = load_file(tmp_path / "two" / "last" / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and len(a) == 6
+    initial = load_file(tmp_path / "two" / "adapter_model.safetensors")
+    for key in a:
+        assert not torch.equal(b[key], initial[key]), key  # trained
+        torch.testing.assert_close(b[key], a[key], atol=1e-5, rtol=1e-4)
+    log_one = json.loads((tmp_path / "one" / "train_log.json").read_text())
+    log_two = json.loads((tmp_path / "two" / "train_log.json").read_text())
+    for x, y in zip(log_one["steps"], log_two["steps"]):
+        assert y["loss"] == pytest.approx(x["loss"], rel=1e-5)  # the logged loss is the mean over ranks
