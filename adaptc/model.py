@@ -246,8 +246,11 @@ class AdaptedModel(nn.Module):
         return [graph for graphs in self._graphs.values() for graph in graphs]
 
     def _apply_adapter_passes(self, graph: CapturedGraphModule) -> None:
+        from adaptc.passes import speedups
+
         for graph_pass in self._passes.values():
             graph_pass(graph)
+        speedups.apply(graph)  # the frozen model's own ops: fused tanh-GELU, cheaper dropout masks
 
     def _register_graph(self, graph: CapturedGraphModule, edits: tuple[str, ...] = ()) -> None:
         setattr(graph, ADAPTERS_ATTR, self.adapters)

@@ -158,6 +158,7 @@ def variant_names() -> list[str]:
 # --- measuring -------------------------------------------------------------------------------------
 
 def measure_time(family: str, args: argparse.Namespace) -> dict[str, float]:
+    clock = time.thread_time if args.cpu_time else time.perf_counter
     base, batch = build(family, args), make_batch(family, args)
     steps = {name: make_variant(name, family, base, batch) for name in variant_names()}
     for step in steps.values():  # warm-up: first-call capture, allocator, optimizer state
@@ -165,9 +166,9 @@ def measure_time(family: str, args: argparse.Namespace) -> dict[str, float]:
     times: dict[str, list[float]] = {name: [] for name in steps}
     for _ in range(args.rounds):
         for name, step in steps.items():
-            start = time.perf_counter()
+            start = clock()
             step()
-            times[name].append(time.perf_counter() - start)
+            times[name].append(clock() - start)
     return {name: statistics.median(t) * 1000 for name, t in times.items()}
 
 
@@ -246,6 +247,8 @@ def parse(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--models", default="gpt2,llama,bert,vit")
+    parser.add_argument("--cpu-time", action="store_true",
+                        help="time with this thread's CPU clock (with --threads 1: robust to a busy machine)")
     parser.add_argument("--no-memory", action="store_true", help="skip the per-variant memory subprocesses")
     parser.add_argument("--out", default=str(Path(__file__).with_name("RESULTS-lora-train.md")))
     parser.add_argument("--memory-one", help=argparse.SUPPRESS)
@@ -255,6 +258,8 @@ def parse(argv: list[str]) -> argparse.Namespace:
 def main() -> None:
     argv = sys.argv[1:]
     args = parse(argv)
+    if args.cpu_time and args.threads != 1:
+        raise SystemExit("--cpu-time measures one thread: use it with --threads 1")
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")
     if args.memory_one:
@@ -274,7 +279,8 @@ def main() -> None:
     header = (
         f"# LoRA training step: adaptc vs PEFT\n\n`python bench/bench_lora_train.py {' '.join(argv)}`\n\n"
         f"{args.layers} layers, hidden {args.hidden}, batch {args.batch} x {args.seq} (ViT: {args.image}px), AdamW, "
-        f"{args.threads} threads, medians of {args.rounds} interleaved rounds. torch {torch.__version__}, "
+        f"{args.threads} threads, medians of {args.rounds} interleaved rounds"
+        f"{' (thread CPU time)' if args.cpu_time else ''}. torch {torch.__version__}, "
         f"Python {platform.python_version()}, {platform.machine()} ({platform.processor() or 'cpu'}).\n\n"
     )
     atomic_write_bytes(Path(args.out), (header + text + "\n").encode())

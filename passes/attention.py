@@ -17,11 +17,13 @@ import torch
 import torch.nn.functional as F
 from torch import fx
 
+from . import speedups
+
 aten = torch.ops.aten
 _MATMUL = {aten.matmul.default, torch.matmul, operator.matmul}
 _SOFTMAX = {aten.softmax.int, aten._softmax.default, F.softmax, torch.softmax}
 _CASTS = {aten.to.dtype, aten._to_copy.default, aten.to.dtype_layout}
-_DROPOUT = {aten.dropout.default, F.dropout}
+_DROPOUT = {aten.dropout.default, F.dropout, speedups.dropout}
 _TRANSPOSE = {aten.transpose.int}
 _ASSERT = {aten._assert_tensor_metadata.default}
 

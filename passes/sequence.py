@@ -24,6 +24,8 @@ from torch import fx, nn
 from adaptc.errors import TargetError
 from adaptc.inputs import Inputs
 
+from . import speedups
+
 _SDPA = {torch.ops.aten.scaled_dot_product_attention.default, F.scaled_dot_product_attention}
 _EMBEDDING = {torch.ops.aten.embedding.default, F.embedding}
 _LINEAR = {torch.ops.aten.linear.default, F.linear, torch.ops.aten.addmm.default, torch.ops.aten.matmul.default,
@@ -37,7 +39,7 @@ _LAYOUT = {
     torch.ops.aten.split_with_sizes.default, torch.ops.aten.alias.default, torch.ops.aten._to_copy.default,
     torch.ops.aten.to.dtype, torch.ops.aten.to.dtype_layout, torch.ops.aten.chunk.default,
     torch.ops.aten.dropout.default, torch.ops.aten.layer_norm.default, torch.ops.aten.native_layer_norm.default,
-    operator.getitem,
+    operator.getitem, speedups.dropout,
 }
 _LAYOUT_METHODS = {"view", "reshape", "expand", "unsqueeze", "transpose", "permute", "contiguous", "chunk",
                    "split", "unbind", "to", "float", "type_as", "clone"}

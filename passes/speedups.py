@@ -1,0 +1,158 @@
+"""Rewrites of the frozen model's own ops that keep its math and make training steps cheaper.
+
+Module wrapping cannot touch the base model's code; a captured graph can. Two rewrites, applied
+to every graph adaptc captures (training and evaluation):
+
+* **tanh-GELU**: GPT-2's ``gelu_new`` (and its copies in GPT-J, CodeGen, Phi, ...) is written
+  as ``0.5 * x * (1 + tanh(sqrt(2/pi) * (x + 0.044715 * x**3))))``: seven elementwise ops
+  forward, more backward, each a pass over the widest activation. It becomes one
+  ``aten.gelu(x, approximate='tanh')`` (the same formula, one kernel each way).
+* **dropout**: ``aten.dropout`` draws a float mask with ``bernoulli_`` and keeps it for the
+  backward. :func:`dropout` draws a bool mask from packed random bits (passes/lora_fused.py's
+  ``keep_mask``: about 3x cheaper to draw, a quarter of the memory kept). Same distribution
+  (p resolved to 1/65536), different random numbers than eager PyTorch.
+
+Under ``torch.compile`` / ``torch.export`` (ONNX) :func:`dropout` is plain ``F.dropout``.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+
+import torch
+from torch import fx
+from torch.nn import functional as F
+
+from .lora_fused import effective_keep, keep_mask
+
+aten = torch.ops.aten
+
+
+class _MaskedDropout(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, keep, scale):
+        ctx.save_for_backward(keep)
+        ctx.scale = scale
+        return torch.where(keep, x * scale, 0)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (keep,) = ctx.saved_tensors
+        return torch.where(keep, grad * ctx.scale, 0), None, None
+
+
+def dropout(x: torch.Tensor, p: float, train: bool) -> torch.Tensor:
+    """``aten.dropout(x, p, train)`` with a bool mask from packed random bits."""
+    if not train or p == 0 or torch.compiler.is_compiling() or not x.is_floating_point():
+        return F.dropout(x, p, train)
+    if p >= 1:
+        return x * 0
+    keep = keep_mask(x.shape, p, x.device)
+    return _MaskedDropout.apply(x, keep, 1.0 / effective_keep(p))
+
+
+torch.fx.wrap("dropout")  # a leaf if a graph holding it is ever traced again with fx
+
+
+def apply(gm: fx.GraphModule) -> None:
+    """Both rewrites on ``gm.graph`` (in place)."""
+    _fuse_tanh_gelu(gm.graph)
+    _fast_dropout(gm.graph)
+
+
+def _fast_dropout(graph: fx.Graph) -> int:
+    count = 0
+    for node in list(graph.nodes):
+        if node.op == "call_function" and node.target is aten.dropout.default:
+            x, p, train = (list(node.args) + [None, None])[:3]
+            p = node.kwargs.get("p", p)
+            train = node.kwargs.get("train", train)
+            if isinstance(p, (int, float)) and isinstance(train, bool):
+                node.target = dropout
+                node.args, node.kwargs = (x, float(p), train), {}
+                count += 1
+    return count
+
+
+# --- tanh-GELU --------------------------------------------------------------------------------------
+
+_SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
+_MUL = {aten.mul.Tensor, aten.mul.Scalar, operator.mul}
+_ADD = {aten.add.Tensor, aten.add.Scalar, operator.add}
+_POW = {aten.pow.Tensor_Scalar, operator.pow}
+
+
+def _is(node, targets) -> bool:
+    return isinstance(node, fx.Node) and node.op == "call_function" and node.target in targets
+
+
+def _close(value, expected: float) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and abs(value - expected) < 1e-6 * max(1, abs(expected))
+
+
+def _scaled(node, constant: float):
+    """If ``node`` is ``a * constant`` (either order), return ``a``."""
+    if not _is(node, _MUL) or len(node.args) != 2 or node.kwargs:
+        return None
+    a, b = node.args
+    if _close(b, constant) and isinstance(a, fx.Node):
+        return a
+    if _close(a, constant) and isinstance(b, fx.Node):
+        return b
+    return None
+
+
+def _plus(node):
+    """The operands of ``a + b`` (no alpha), or None."""
+    if not _is(node, _ADD) or len(node.args) != 2 or node.kwargs:
+        return None
+    return node.args
+
+
+def _match_tanh_gelu(tanh: fx.Node):
+    """From a ``tanh`` node: the input ``x``, the output node and the chain's nodes, or None."""
+    scaled = tanh.args[0]
+    inner = _scaled(scaled, _SQRT_2_OVER_PI)
+    operands = _plus(inner) if inner is not None else None
+    if operands is None:
+        return None
+    x = term = cube = None
+    for a, b in (operands, operands[::-1]):
+        cubed = _scaled(b, 0.044715) if isinstance(b, fx.Node) else None
+        if cubed is not None and _is(cubed, _POW) and cubed.args[0] is a and _close(cubed.args[1], 3.0):
+            x, term, cube = a, b, cubed
+            break
+    if x is None or len(tanh.users) != 1:
+        return None
+    one_plus = next(iter(tanh.users))
+    operands = _plus(one_plus)
+    if operands is None or not any(_close(v, 1.0) for v in operands) or len(one_plus.users) != 1:
+        return None
+    out = next(iter(one_plus.users))
+    if not _is(out, _MUL) or len(out.args) != 2:
+        return None
+    half = out.args[0] if out.args[1] is one_plus else out.args[1]
+    if _scaled(half, 0.5) is not x:
+        return None
+    return x, out, [out, half, one_plus, tanh, scaled, inner, term, cube]
+
+
+def _fuse_tanh_gelu(graph: fx.Graph) -> int:
+    count = 0
+    for node in list(graph.nodes):
+        if not _is(node, {aten.tanh.default, torch.tanh}):
+            continue
+        found = _match_tanh_gelu(node)
+        if found is None:
+            continue
+        x, out, chain = found
+        with graph.inserting_after(out):
+            gelu = graph.call_function(aten.gelu.default, (x,), {"approximate": "tanh"})
+        gelu.meta = {k: v for k, v in out.meta.items() if k in ("nn_module_stack", "stack_trace", "val")}
+        out.replace_all_uses_with(gelu)
+        for old in chain:  # outputs first; a node another part of the model still reads stays
+            if not old.users:
+                graph.erase_node(old)
+        count += 1
+    return count
