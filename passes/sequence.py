@@ -174,11 +174,20 @@ def _embedding_lookups(gm: fx.GraphModule) -> list[tuple[fx.Node, fx.Node, str]]
     return found
 
 
+_NOT_IDS = ("labels", "attention_mask", "token_type_ids", "position_ids")
+
+
 def _placeholder_input_name(placeholder: fx.Node, model: nn.Module, inputs: Inputs) -> str:
     import inspect
 
     params = list(inspect.signature(model.forward).parameters)
     name = str(placeholder.target)
+    given = inputs.kwargs.get(name)
+    if given is not None:
+        # One tensor passed under several names (labels=input_ids, as HF users do) is one placeholder,
+        # named after any of them: the ids are the one that is not labels or a mask.
+        aliases = [k for k, v in inputs.kwargs.items() if v is given]
+        name = next((k for k in aliases if k not in _NOT_IDS), name)
     if name in params or name in inputs.kwargs:
         return name
     raise TargetError(

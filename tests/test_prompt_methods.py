@@ -375,3 +375,20 @@ def test_unfused_attention_gets_the_same_prefix():
         base = unfused(**batch).logits[real]
     assert (got - base).abs().max() > 1e-3
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+
+
+def test_labels_given_as_the_same_tensor_as_input_ids():
+    """HF users pass labels=input_ids (one tensor object); export then has one placeholder for both.
+    Reference: the same call with a copy of the ids as labels."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_positions=64, n_embd=32, n_layer=2, n_head=4)).eval()
+    ids = torch.randint(0, VOCAB, (2, 6))
+    am = adaptc.inject(model, "prompt", example_inputs={"input_ids": ids, "labels": ids}, num_virtual_tokens=V)
+    assert am.adapter_configs()["default"].method == "prompt"
+    with torch.no_grad():
+        shared = am(input_ids=ids, labels=ids)
+        copied = am(input_ids=ids, labels=ids.clone())
+    assert shared.logits.shape == (2, 6, VOCAB)
+    torch.testing.assert_close(shared.loss, copied.loss, atol=1e-6, rtol=0)
