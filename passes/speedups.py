@@ -1,12 +1,12 @@
 """Rewrites of the frozen model's own ops that keep its math and make training steps cheaper.
 
 Module wrapping cannot touch the base model's code; a captured graph can. Two rewrites, applied
-to every graph adaptc captures (training and evaluation):
+to the graphs adaptc captures:
 
 * **tanh-GELU**: GPT-2's ``gelu_new`` (and its copies in GPT-J, CodeGen, Phi, ...) is written
   as ``0.5 * x * (1 + tanh(sqrt(2/pi) * (x + 0.044715 * x**3))))``: seven elementwise ops
   forward, more backward, each a pass over the widest activation. It becomes one
-  ``aten.gelu(x, approximate='tanh')`` (the same formula, one kernel each way).
+  ``aten.gelu(x, approximate='tanh')`` (the same formula, one kernel each way). Training graphs only.
 * **dropout**: ``aten.dropout`` draws a float mask with ``bernoulli_`` and keeps it for the
   backward. :func:`dropout` draws a bool mask from packed random bits (passes/lora_fused.py's
   ``keep_mask``: about 3x cheaper to draw, a quarter of the memory kept). Same distribution
@@ -56,8 +56,13 @@ torch.fx.wrap("dropout")  # a leaf if a graph holding it is ever traced again wi
 
 
 def apply(gm: fx.GraphModule) -> None:
-    """Both rewrites on ``gm.graph`` (in place)."""
-    _fuse_tanh_gelu(gm.graph)
+    """Both rewrites on ``gm.graph`` (in place).
+
+    GELU is fused in training graphs only: the fused kernel rounds differently (~1e-7), and an
+    evaluation graph with a zero adapter stays bit-identical to the base model.
+    """
+    if getattr(gm, "_adaptc_active", True):  # the mode whose graph the hook is editing
+        _fuse_tanh_gelu(gm.graph)
     _fast_dropout(gm.graph)
 
 
