@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: test test-all demo lint venv clean
+.PHONY: test test-all demo lint venv clean bench
 
 venv: $(STAMP)
 
@@ -20,7 +20,7 @@ $(STAMP): constraints.txt pyproject.toml
 	@touch $(STAMP)
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check adaptc passes targets tests examples
+	$(VENV)/bin/ruff check adaptc passes targets tests examples bench
 
 test: lint
 	$(PY) -m pytest -m "not slow" -q
@@ -30,6 +30,10 @@ test-all: lint
 
 demo: $(STAMP)
 	$(PY) examples/demo.py
+
+# Benchmarks against PEFT (30-40 minutes on 2 idle cores); tables in bench/RESULTS.md.
+bench: $(STAMP)
+	$(PY) bench/run_all.py
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache .ruff_cache
