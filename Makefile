@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: test test-all demo lint venv clean
+.PHONY: test test-all demo lint venv clean conformance
 
 venv: $(STAMP)
 
@@ -27,6 +27,12 @@ test: lint
 
 test-all: lint
 	$(PY) -m pytest -q
+
+# The full conformance matrix (tests/conformance): every architecture x method; about an hour on 2 cores.
+# Writes tests/conformance/results.json, then the table (tests/conformance/report.py) into the README.
+conformance: lint
+	ADAPTC_CONFORMANCE=1 OMP_NUM_THREADS=1 $(PY) -m pytest -q -p no:logging tests/conformance; \
+	status=$$?; $(PY) tests/conformance/report.py --readme README.md; exit $$status
 
 demo: $(STAMP)
 	$(PY) examples/demo.py
