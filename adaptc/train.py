@@ -25,6 +25,7 @@ import dataclasses
 import inspect
 import json
 import math
+import os
 import sys
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -251,7 +252,11 @@ def evaluate(
                     if loss is not None:
                         raise
                 if metric is not None:
-                    totals["metric"] = totals.get("metric", 0.0) + n * float(metric(output, on_device))
+                    value = metric(output, on_device)
+                    if isinstance(value, bool) or not isinstance(value, (int, float, torch.Tensor)) or \
+                            (isinstance(value, torch.Tensor) and value.numel() != 1):
+                        raise InputError(f"metric(output, batch) must return a number (higher is better), got {value!r:.80}")
+                    totals["metric"] = totals.get("metric", 0.0) + n * float(value)
     finally:
         am.train(was_training)
     if count == 0:
@@ -291,6 +296,11 @@ def train(
     KeyboardInterrupt after writing ``last/`` at the last completed step.
     """
     config = _make_config(config, options)
+    for name, fn in (("loss", loss), ("metric", metric)):
+        if fn is not None and not callable(fn):
+            raise InputError(f"{name} must be a function ({name}(output, batch)), got {type(fn).__name__}")
+    if output_dir is not None and not isinstance(output_dir, (str, os.PathLike)):
+        raise InputError(f"output_dir must be a folder path (str or os.PathLike), got {type(output_dir).__name__}")
     if resume and output_dir is None:
         raise ConfigError("resume needs output_dir, the folder whose last/ checkpoint to continue from")
     root = Path(output_dir) if output_dir is not None else None
@@ -402,6 +412,8 @@ def _clear(bar: Any) -> None:
 
 
 def _make_config(config: TrainConfig | None, options: dict[str, Any]) -> TrainConfig:
+    if config is not None and not isinstance(config, TrainConfig):
+        raise ConfigError(f"config must be an adaptc.TrainConfig, got {type(config).__name__}")
     if config is not None and options:
         raise ConfigError(f"got a TrainConfig and keyword options {sorted(options)}; put the options in the config")
     if config is None:

@@ -1,7 +1,7 @@
 """One cell of the conformance matrix: an architecture x a method, every stage checked.
 
 Stages, in order (the first that fails is the cell's outcome):
-  capture   adaptc.capture on the fixed batch
+  capture   the graph capture inside inject (a CaptureError)
   inject    adaptc.inject (a prompt method on a model without attention must raise TargetError:
             that is the expected outcome, recorded as ``n/a``)
   train     one Adam step on a fixed batch lowers the loss; every base parameter and buffer is
@@ -128,11 +128,11 @@ def _run(arch: Arch, method: str, workdir: Path, result: CellResult) -> None:
     with torch.no_grad():
         base_out = tensors(call(model, batch))
 
-    result.stage = "capture"
-    adaptc.capture(model, batch)
-
     result.stage = "inject"
-    am = adaptc.inject(model, method, example_inputs=batch, **options(method))
+    try:  # inject captures the model first: a CaptureError is the capture stage's failure
+        am = adaptc.inject(model, method, example_inputs=batch, **options(method))
+    except adaptc.CaptureError as exc:
+        raise StageFailed("capture", f"CaptureError: {exc}") from None
     if method != "lora" and not arch.attention:
         raise StageFailed("inject", "a prompt method was injected into a model without attention; expected the "
                                     "clear error")
