@@ -233,7 +233,7 @@ def evaluate(
     """
     device = _device_of(am)
     caller = _Caller(am, device)
-    was_training = am.training
+    modes = {m: m.training for m in am.modules()}
     am.eval()
     totals: dict[str, float] = {}
     count = 0
@@ -258,7 +258,7 @@ def evaluate(
                         raise InputError(f"metric(output, batch) must return a number (higher is better), got {value!r:.80}")
                     totals["metric"] = totals.get("metric", 0.0) + n * float(value)
     finally:
-        am.train(was_training)
+        _restore_modes(modes)  # each module's own mode (a user may keep parts in eval)
     if count == 0:
         raise InputError("the evaluation batches are empty")
     return {k: v / count for k, v in totals.items()}
@@ -338,6 +338,7 @@ def train(
     iterator = _skip(data.epoch(epoch), index)
     if resume:
         torch.set_rng_state(run.rng)  # after re-creating the epoch's data, as the interrupted run had
+    modes = {m: m.training for m in am.modules()}  # put back if training stops with an error
     am.train()
     bar = tqdm(total=total, initial=run.step, desc="train", unit="step", disable=not config.progress,
                file=sys.stderr, dynamic_ncols=True)
@@ -394,16 +395,23 @@ def train(
                 t_eval += time.perf_counter() - t0
     except KeyboardInterrupt:
         _clear(bar)
+        _restore_modes(modes)
         run.checkpoint(optimizer, scheduler, None, force=False)
         run.finish()
         raise
     except BaseException:
         _clear(bar)  # the error message, not a half-drawn bar, is what the user should see last
+        _restore_modes(modes)
         raise
     bar.close()
     seconds = time.perf_counter() - t_start
     run.finish()
     return run.result(seconds - t_eval, samples)
+
+
+def _restore_modes(modes: dict[nn.Module, bool]) -> None:
+    for module, training in modes.items():
+        module.training = training
 
 
 def _clear(bar: Any) -> None:
