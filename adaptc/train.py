@@ -365,10 +365,12 @@ def train(
             samples += _batch_size(batch)
             if len(micro) < config.batch_accum:
                 continue
-            if config.max_grad_norm is not None:
-                norm = torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
-                if not torch.isfinite(norm):
-                    raise run.nan_error(f"the gradient norm is {norm.item()}", len(micro), optimizer)
+            # Without clipping (max_grad_norm=None) the norm is still computed: a NaN gradient with a finite
+            # loss (sqrt at 0, a bad custom op) must not reach the weights either. inf clips nothing.
+            limit = config.max_grad_norm if config.max_grad_norm is not None else math.inf
+            norm = torch.nn.utils.clip_grad_norm_(params, limit)
+            if not torch.isfinite(norm):
+                raise run.nan_error(f"the gradient norm is {norm.item()}", len(micro), optimizer)
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
