@@ -11,6 +11,7 @@ shown as failures in the table, never as passes.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 from pathlib import Path
@@ -29,12 +30,15 @@ KNOWN: dict[tuple[str, str], str] = {}
 
 
 def _record(result: CellResult) -> None:
-    """Merge one cell's outcome into results.json (the full matrix writes every cell)."""
-    data = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
-    data[f"{result.arch}/{result.method}"] = result.to_json()
-    tmp = RESULTS.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
-    os.replace(tmp, RESULTS)
+    """Merge one cell's outcome into results.json (the full matrix writes every cell). Locked: the matrix
+    may run as several pytest processes (e.g. one per library, `-k timm`)."""
+    with open(RESULTS.with_suffix(".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        data = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
+        data[f"{result.arch}/{result.method}"] = result.to_json()
+        tmp = RESULTS.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
+        os.replace(tmp, RESULTS)
 
 
 def _params():
