@@ -78,6 +78,9 @@ def _hf(cls: Any, config_cls: Any, **config: Any) -> Callable[[], nn.Module]:
     return lambda: cls(config_cls(**config))
 
 
+# LAYER_SCALE: ConvNeXt initialises its per-block layer scale to 1e-6, so at init any change inside a block
+# (an adapter on its MLP) moves the output by ~1e-13, below float32 resolution. Trained ConvNeXts have scales
+# of order 0.1-1; the zoo uses 0.5 so that the adapters' effect is measurable.
 SMALL_W2V = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
                  num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=4, conv_dim=(16, 16, 16),
                  conv_stride=(5, 4, 4), conv_kernel=(10, 4, 4), vocab_size=VOCAB)
@@ -130,7 +133,8 @@ TRANSFORMERS = [
         num_heads=[2, 2], window_size=4, num_labels=5),
         pixels, (2, 32), (3, 32)),
     Arch("hf-convnext", "transformers", "convolutional", _hf(
-        tf.ConvNextForImageClassification, tf.ConvNextConfig, hidden_sizes=[8, 16], depths=[1, 1], num_labels=5),
+        tf.ConvNextForImageClassification, tf.ConvNextConfig, hidden_sizes=[8, 16], depths=[1, 1], num_labels=5,
+        layer_scale_init_value=0.5),  # see LAYER_SCALE
         pixels, (2, 32), (3, 48), attention=False),
     Arch("hf-segformer", "transformers", "hierarchical vision transformer, reduced-key attention", _hf(
         tf.SegformerForImageClassification, tf.SegformerConfig, num_encoder_blocks=2, depths=[1, 1],
@@ -162,7 +166,8 @@ TIMM = [
     Arch("timm-deit", "timm", "vision transformer, distillation token",
          _timm("deit_tiny_distilled_patch16_224", depth=2, img_size=32), image, (2, 32), (3, 32)),
     Arch("timm-resnet18", "timm", "convolutional", _timm("resnet18"), image, (2, 32), (3, 48), attention=False),
-    Arch("timm-convnext", "timm", "convolutional", _timm("convnext_atto"), image, (2, 32), (3, 64), attention=False),
+    Arch("timm-convnext", "timm", "convolutional", _timm("convnext_atto", ls_init_value=0.5), image, (2, 32), (3, 64),
+         attention=False),  # see LAYER_SCALE
     Arch("timm-mobilenetv3", "timm", "convolutional, depthwise + squeeze-excite", _timm("mobilenetv3_small_050"),
          image, (2, 32), (3, 48), attention=False),
     Arch("timm-regnet", "timm", "convolutional, grouped", _timm("regnetx_002"), image, (2, 32), (3, 48),
