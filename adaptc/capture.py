@@ -122,12 +122,21 @@ def _static_dims(ep: torch.export.ExportedProgram) -> list[dict[int, int]]:
                     # small image makes a feature map 1x1). Outside the bounds the graph's guard fails:
                     # accepts() says no, and a graph is captured for those inputs instead.
                     bounds = ep.range_constraints[size.node.expr]
-                    low = int(bounds.lower) if bounds.lower.is_finite and bounds.lower > 2 else None
-                    high = int(bounds.upper) if bounds.upper.is_finite else None
+                    low, high = _bound(bounds.lower), _bound(bounds.upper)
+                    low = low if low is not None and low > 2 else None  # 0/1 specialisation is the default
                     if low is not None or high is not None:
                         static[axis] = (low, high)
         dims.append(static)
     return dims
+
+
+def _bound(value: Any) -> int | None:
+    """A finite integer bound, or None for an infinite one (sympy's oo, torch's int_oo)."""
+    try:
+        bound = int(value)
+    except (TypeError, ValueError, AttributeError, OverflowError):
+        return None
+    return bound if abs(bound) < 2**62 else None
 
 
 def _fx_trace(model: nn.Module, inputs: Inputs, training: bool) -> torch.fx.GraphModule:
