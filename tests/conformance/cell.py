@@ -216,10 +216,10 @@ def peft_support(arch: Arch, method: str) -> str:
     """Try PEFT on a fresh copy of the model: 'yes' when get_peft_model and a forward work, else why not."""
     import peft
 
-    torch.manual_seed(0)
-    model = arch.build().eval()
-    batch = arch.inputs(*arch.sizes)
     try:
+        torch.manual_seed(0)
+        model = arch.build().eval()
+        batch = arch.inputs(*arch.sizes)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             if method == "lora":

@@ -176,13 +176,13 @@ TIMM = [
         "swin_tiny_patch4_window7_224", img_size=32, window_size=4, embed_dim=16, depths=(1, 1), num_heads=(2, 2)),
         image, (2, 32), (3, 32)),
     Arch("timm-pvt_v2", "timm", "hierarchical vision transformer, reduced-key attention", _timm(
-        "pvt_v2_b0", img_size=32, depths=(1, 1, 1, 1)), image, (2, 32), (3, 32)),
+        "pvt_v2_b0", depths=(1, 1, 1, 1)), image, (2, 32), (3, 32)),
     Arch("timm-mobilevit", "timm", "hybrid: convolutions + transformer blocks", _timm("mobilevit_xxs"),
          image, (2, 64), (3, 64)),
     Arch("timm-levit", "timm", "hybrid: convolutional stem + attention with learned biases", _timm(
         "levit_128s", img_size=64), image, (2, 64), (3, 64)),
     Arch("timm-mixer", "timm", "MLP-Mixer (no attention)", _timm(
-        "mixer_s16_224", img_size=32, patch_size=8, num_blocks=2, embed_dim=32), image, (2, 32), (3, 32),
+        "mixer_s16_224", img_size=32, num_blocks=2, embed_dim=32), image, (2, 32), (3, 32),
         attention=False),
 ]
 

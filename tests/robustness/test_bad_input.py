@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 import safetensors.torch
 import torch
-from conftest import TINY, M, assert_model_unchanged, model_snapshot, tree_snapshot
+from robust_helpers import TINY, M, assert_model_unchanged, model_snapshot, tree_snapshot
 from torch import nn
 
 import adaptc

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import EXAMPLES, ROOT, M
+from robust_helpers import EXAMPLES, ROOT, M
 from safetensors.torch import load_file
 
 import adaptc

@@ -19,9 +19,9 @@ import re
 import pytest
 import torch
 from adaptc.passes.selection import compile_selector, select
-from conftest import ROOT, TINY, M, assert_model_unchanged, model_snapshot
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from robust_helpers import ROOT, TINY, M, assert_model_unchanged, model_snapshot
 
 import adaptc
 from adaptc.cli import main
