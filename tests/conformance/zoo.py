@@ -181,8 +181,8 @@ TIMM = [
          image, (2, 64), (3, 64)),
     Arch("timm-levit", "timm", "hybrid: convolutional stem + attention with learned biases", _timm(
         "levit_128s", img_size=64), image, (2, 64), (3, 64)),
-    Arch("timm-mixer", "timm", "MLP-Mixer (no attention)", _timm(
-        "mixer_s16_224", img_size=32, num_blocks=2, embed_dim=32), image, (2, 32), (3, 32),
+    Arch("timm-mixer", "timm", "MLP-Mixer (no attention)", lambda: timm.models.mlp_mixer.MlpMixer(  # mixer_s16_224's class, small
+        num_classes=10, img_size=32, patch_size=8, num_blocks=2, embed_dim=32), image, (2, 32), (3, 32),
         attention=False),
 ]
 
