@@ -133,7 +133,7 @@ TRANSFORMERS = [
         num_heads=[2, 2], window_size=4, num_labels=5),
         pixels, (2, 32), (3, 32)),
     Arch("hf-convnext", "transformers", "convolutional", _hf(
-        tf.ConvNextForImageClassification, tf.ConvNextConfig, hidden_sizes=[8, 16], depths=[1, 1], num_labels=5,
+        tf.ConvNextForImageClassification, tf.ConvNextConfig, num_stages=2, hidden_sizes=[8, 16], depths=[1, 1], num_labels=5,
         layer_scale_init_value=0.5),  # see LAYER_SCALE
         pixels, (2, 32), (3, 48), attention=False),
     Arch("hf-segformer", "transformers", "hierarchical vision transformer, reduced-key attention", _hf(
