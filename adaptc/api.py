@@ -184,8 +184,16 @@ def _check_output_shapes(model: nn.Module, edit: Any, inputs: Any, config: Any) 
     try:
         with torch.no_grad():
             base = shapes(model(*inputs.args, **inputs.kwargs))
-            with edit.applied(model):
-                got = shapes(model(*inputs.args, **inputs.kwargs))
+            try:
+                with edit.applied(model):
+                    got = shapes(model(*inputs.args, **inputs.kwargs))
+            except (RuntimeError, ValueError, IndexError) as exc:
+                raise TargetError(
+                    f"{type(model).__name__} fails with {config.num_virtual_tokens} virtual tokens added at "
+                    f"{edit.adapter.entry.module!r} ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); a model "
+                    "that reshapes its token sequence into a fixed grid (hierarchical vision models) cannot take "
+                    "extra tokens. Use method='prefix' or 'lora'"
+                ) from None
     finally:
         for module, mode in modes.items():
             module.training = mode
