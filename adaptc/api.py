@@ -162,7 +162,50 @@ def _build_prompt(adapted: AdaptedModel, config: Any) -> AdapterBuild:
             module.training = mode
     adapter = PromptAdapter(config, entry)
     adapter.init_from(config, model)
-    return AdapterBuild(config, [entry], {"prompt": adapter}, None, SequenceEdit(adapter))
+    edit = SequenceEdit(adapter)
+    _check_output_shapes(model, edit, adapted.example_inputs, config)
+    return AdapterBuild(config, [entry], {"prompt": adapter}, None, edit)
+
+
+def _check_output_shapes(model: nn.Module, edit: Any, inputs: Any, config: Any) -> None:
+    """With the virtual tokens in, every output must keep the base model's shape.
+
+    The virtual positions are dropped from outputs by shape (a [batch, sequence, ...] tensor); an
+    output that is not a sequence but whose second dimension happens to equal the longer sequence
+    (10 classes, 6 tokens + 4 virtual) would lose columns. Caught here, on the example inputs.
+    """
+    import torch
+    from torch.utils import _pytree as pytree
+
+    def shapes(out: Any) -> list[tuple[int, ...]]:
+        out = out.to_tuple() if hasattr(out, "to_tuple") else out
+        return [tuple(t.shape) for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
+
+    modes = {m: m.training for m in model.modules()}
+    model.eval()
+    try:
+        with torch.no_grad():
+            base = shapes(model(*inputs.args, **inputs.kwargs))
+            try:
+                with edit.applied(model):
+                    got = shapes(model(*inputs.args, **inputs.kwargs))
+            except (RuntimeError, ValueError, IndexError) as exc:
+                raise TargetError(
+                    f"{type(model).__name__} fails with {config.num_virtual_tokens} virtual tokens added at "
+                    f"{edit.adapter.entry.module!r} ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); a model "
+                    "that reshapes its token sequence into a fixed grid (hierarchical vision models) cannot take "
+                    "extra tokens. Use method='prefix' or 'lora'"
+                ) from None
+    finally:
+        for module, mode in modes.items():
+            module.training = mode
+    for index, (want, have) in enumerate(zip(base, got)):
+        if want != have:
+            raise TargetError(
+                f"with {config.num_virtual_tokens} virtual tokens, output {index} of {type(model).__name__} would have "
+                f"shape {list(have)} instead of {list(want)}: its second dimension equals the sequence length with the "
+                f"virtual tokens, so adaptc cannot tell it from a sequence; choose another num_virtual_tokens"
+            )
 
 
 def inspect_sites(model: nn.Module, example_inputs: Any) -> list:

@@ -97,7 +97,8 @@ def _export(model: nn.Module, inputs: Inputs, training: bool, dynamic: bool) -> 
 
 
 def _static_dims(ep: torch.export.ExportedProgram) -> list[dict[int, int]]:
-    """Per user input (flattened), the axes export specialised and their sizes.
+    """Per user input (flattened), the axes export specialised and their sizes (or, for a dynamic axis
+    export bounded, ``(low, high)``, either None when unbounded).
 
     A dimension stays symbolic in the placeholder metadata even when export specialised it;
     it is dynamic only if its symbol is among the program's range constraints.
@@ -116,8 +117,26 @@ def _static_dims(ep: torch.export.ExportedProgram) -> list[dict[int, int]]:
                     static[axis] = size
                 elif not (size.node.expr.free_symbols & dynamic_symbols):
                     static[axis] = int(size.node.hint if size.node.hint is not None else size)
+                elif size.node.expr in dynamic_symbols:
+                    # Dynamic, but export may have bounded it (a guard such as x.size(2) <= 32 where a
+                    # small image makes a feature map 1x1). Outside the bounds the graph's guard fails:
+                    # accepts() says no, and a graph is captured for those inputs instead.
+                    bounds = ep.range_constraints[size.node.expr]
+                    low, high = _bound(bounds.lower), _bound(bounds.upper)
+                    low = low if low is not None and low > 2 else None  # 0/1 specialisation is the default
+                    if low is not None or high is not None:
+                        static[axis] = (low, high)
         dims.append(static)
     return dims
+
+
+def _bound(value: Any) -> int | None:
+    """A finite integer bound, or None for an infinite one (sympy's oo, torch's int_oo)."""
+    try:
+        bound = int(value)
+    except (TypeError, ValueError, AttributeError, OverflowError):
+        return None
+    return bound if abs(bound) < 2**62 else None
 
 
 def _fx_trace(model: nn.Module, inputs: Inputs, training: bool) -> torch.fx.GraphModule:
@@ -396,8 +415,15 @@ class CapturedGraphModule(torch.fx.GraphModule):
         leaves = inputs.in_order_of(self._adaptc_inputs).flat()
         for leaf, static in zip(leaves, self.static_dims()):
             if isinstance(leaf, torch.Tensor):
-                if any(axis >= leaf.dim() or leaf.shape[axis] != size for axis, size in static.items()):
-                    return False
+                for axis, size in static.items():
+                    if axis >= leaf.dim():
+                        return False
+                    if isinstance(size, tuple):  # (low, high) bounds of a dynamic axis
+                        low, high = size
+                        if (low is not None and leaf.shape[axis] < low) or (high is not None and leaf.shape[axis] > high):
+                            return False
+                    elif leaf.shape[axis] != size:
+                        return False
         return True
 
 

@@ -63,6 +63,8 @@ def save_adapter(am: Any, directory: str | os.PathLike, adapter_name: str | list
     named ``default`` goes in ``directory`` itself and any other in ``directory/<name>``.
     Every adapter is serialised (and every error raised) before the first file is written.
     """
+    if not isinstance(directory, (str, os.PathLike)):
+        raise InputError(f"directory must be a folder path (str or os.PathLike), got {type(directory).__name__}")
     names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name or am.adapters)
     unknown = [n for n in names if n not in am.adapters]
     if unknown or not names:
@@ -172,6 +174,8 @@ class Checkpoint:
 
 def locate(directory: str | os.PathLike, adapter_name: str) -> Path:
     """The folder holding ``adapter_name``: ``directory/<name>`` when saved there, else ``directory``."""
+    if not isinstance(directory, (str, os.PathLike)):
+        raise InputError(f"directory must be a path (str or os.PathLike), got {type(directory).__name__}")
     root = Path(directory)
     if not root.is_dir():
         raise CheckpointError(f"{root} is not a folder; give the folder that holds {CONFIG_NAME}")

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 import re
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -50,6 +51,17 @@ _UNSUPPORTED = {
     "kasa_config": "KaSA",
     "monteclora_config": "MonteCLoRA",
 }
+# Every field of PEFT 0.21's LoraConfig, and adaptc's own block. Another field is from a newer PEFT or a
+# typo: PEFT ignores it with a warning, and so does adaptc, naming it (refusing would refuse adapters
+# saved by a newer PEFT; the fields that change outputs are refused above, in _UNSUPPORTED).
+_KNOWN_FIELDS = frozenset("""
+    adaptc alora_invocation_tokens alpha_pattern arrow_config auto_mapping base_model_name_or_path bias corda_config
+    ensure_weight_tying eva_config exclude_modules fan_in_fan_out inference_mode init_lora_weights kasa_config
+    layer_replication layers_pattern layers_to_transform loftq_config lora_alpha lora_bias lora_dropout lora_ga_config
+    megatron_config megatron_core modules_to_save monteclora_config peft_type peft_version qalora_group_size r
+    rank_pattern revision runtime_config target_modules target_parameters task_type trainable_token_indices
+    use_bdlora use_dora use_qalora use_rslora velora_config
+""".split())
 # init_lora_weights values after which the adapter belongs to a changed base model (PEFT's names).
 _RESIDUAL_INITS = ("pissa", "olora", "corda", "loftq", "eva", "lora_ga")
 
@@ -119,6 +131,10 @@ def read_file_lora(config: dict, path: str) -> FileLora:
                 f"{path}: {field}={config[field]!r} ({what}) is a PEFT feature adaptc does not implement; "
                 "loading the adapter without it would compute other outputs"
             )
+    unknown = sorted(k for k in config if k not in _KNOWN_FIELDS)
+    if unknown:
+        warnings.warn(f"adaptc: {path}: unknown field(s) {', '.join(map(repr, unknown))} ignored (from a newer PEFT, "
+                      "or a typo); check the adapter loads as intended", UserWarning, stacklevel=4)
     if config.get("bias", "none") != "none":
         raise CheckpointError(
             f"{path}: bias={config['bias']!r} means PEFT also trained the base model's biases; "

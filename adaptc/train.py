@@ -25,6 +25,7 @@ import dataclasses
 import inspect
 import json
 import math
+import os
 import sys
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -232,7 +233,7 @@ def evaluate(
     """
     device = _device_of(am)
     caller = _Caller(am, device)
-    was_training = am.training
+    modes = {m: m.training for m in am.modules()}
     am.eval()
     totals: dict[str, float] = {}
     count = 0
@@ -251,9 +252,13 @@ def evaluate(
                     if loss is not None:
                         raise
                 if metric is not None:
-                    totals["metric"] = totals.get("metric", 0.0) + n * float(metric(output, on_device))
+                    value = metric(output, on_device)
+                    if isinstance(value, bool) or not isinstance(value, (int, float, torch.Tensor)) or \
+                            (isinstance(value, torch.Tensor) and value.numel() != 1):
+                        raise InputError(f"metric(output, batch) must return a number (higher is better), got {value!r:.80}")
+                    totals["metric"] = totals.get("metric", 0.0) + n * float(value)
     finally:
-        am.train(was_training)
+        _restore_modes(modes)  # each module's own mode (a user may keep parts in eval)
     if count == 0:
         raise InputError("the evaluation batches are empty")
     return {k: v / count for k, v in totals.items()}
@@ -291,6 +296,11 @@ def train(
     KeyboardInterrupt after writing ``last/`` at the last completed step.
     """
     config = _make_config(config, options)
+    for name, fn in (("loss", loss), ("metric", metric)):
+        if fn is not None and not callable(fn):
+            raise InputError(f"{name} must be a function ({name}(output, batch)), got {type(fn).__name__}")
+    if output_dir is not None and not isinstance(output_dir, (str, os.PathLike)):
+        raise InputError(f"output_dir must be a folder path (str or os.PathLike), got {type(output_dir).__name__}")
     if resume and output_dir is None:
         raise ConfigError("resume needs output_dir, the folder whose last/ checkpoint to continue from")
     root = Path(output_dir) if output_dir is not None else None
@@ -331,6 +341,7 @@ def train(
     iterator = _skip(data.epoch(epoch), index)
     if resume:
         torch.set_rng_state(run.rng)  # after re-creating the epoch's data, as the interrupted run had
+    modes = {m: m.training for m in am.modules()}  # put back if training stops with an error
     am.train()
     bar = tqdm(total=total, initial=run.step, desc="train", unit="step", disable=not config.progress or rank != 0,
                file=sys.stderr, dynamic_ncols=True)
@@ -364,10 +375,12 @@ def train(
             samples += _batch_size(batch) * world
             if len(micro) < config.batch_accum:
                 continue
-            if config.max_grad_norm is not None:
-                norm = torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
-                if not torch.isfinite(norm):
-                    raise run.nan_error(f"the gradient norm is {norm.item()}", len(micro), optimizer)
+            # Without clipping (max_grad_norm=None) the norm is still computed: a NaN gradient with a finite
+            # loss (sqrt at 0, a bad custom op) must not reach the weights either. inf clips nothing.
+            limit = config.max_grad_norm if config.max_grad_norm is not None else math.inf
+            norm = torch.nn.utils.clip_grad_norm_(params, limit)
+            if not torch.isfinite(norm):
+                raise run.nan_error(f"the gradient norm is {norm.item()}", len(micro), optimizer)
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
@@ -395,11 +408,13 @@ def train(
                 t_eval += time.perf_counter() - t0
     except KeyboardInterrupt:
         _clear(bar)
+        _restore_modes(modes)
         run.checkpoint(optimizer, scheduler, None, force=False)
         run.finish()
         raise
     except BaseException:
         _clear(bar)  # the error message, not a half-drawn bar, is what the user should see last
+        _restore_modes(modes)
         raise
     bar.close()
     seconds = time.perf_counter() - t_start
@@ -444,12 +459,19 @@ def _mean_over_ranks(value: float, world: int) -> float:
     return tensor.item() / world
 
 
+def _restore_modes(modes: dict[nn.Module, bool]) -> None:
+    for module, training in modes.items():
+        module.training = training
+
+
 def _clear(bar: Any) -> None:
     bar.leave = False
     bar.close()
 
 
 def _make_config(config: TrainConfig | None, options: dict[str, Any]) -> TrainConfig:
+    if config is not None and not isinstance(config, TrainConfig):
+        raise ConfigError(f"config must be an adaptc.TrainConfig, got {type(config).__name__}")
     if config is not None and options:
         raise ConfigError(f"got a TrainConfig and keyword options {sorted(options)}; put the options in the config")
     if config is None:

@@ -309,6 +309,12 @@ def find_sequence_entry(gm: fx.GraphModule, model: nn.Module, inputs: Inputs, me
         node, ids, weight_target = max(lookups, key=lambda item: _static(_shape(item[0].args[0])[0]) or 0)
         # The module whose forward does the lookup (a tied weight may be named after the head).
         module = _module_path(node) or weight_target.rpartition(".")[0]
+        if not module:  # the model's own forward looks up a bare parameter: no submodule output to edit
+            raise TargetError(
+                f"{type(model).__name__} looks up its token embeddings ({weight_target!r}) in its own forward, not "
+                f"in a submodule, so adaptc has no module output to put {method!r}'s virtual tokens into; move "
+                "the lookup into an nn.Embedding submodule, or use method='prefix' or 'lora'"
+            )
         vocab, hidden = (int(s) for s in _shape(node.args[0] if node.target is torch.ops.aten.embedding.default
                                                 else node.args[1]))
         return SequenceEntry("token-embedding", module, hidden, 0, _placeholder_input_name(ids, model, inputs), vocab)

@@ -147,6 +147,9 @@ def merge(am, safe: bool = False, requantize: bool = False) -> nn.Module:
     twice); inactive adapters stay. ``safe=True`` computes every merged weight first and
     refuses, changing nothing, if any holds NaN or inf.
     """
+    for flag, value in (("safe", safe), ("requantize", requantize)):
+        if not isinstance(value, bool):
+            raise MergeError(f"{flag} must be True or False, got {value!r}; nothing was merged")
     active = [n for n in am.active_adapters if n in am.adapters]
     names = lora_adapters(am, active)
     prompts = [n for n in active if n not in names]

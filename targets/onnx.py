@@ -98,6 +98,8 @@ class ExportReport:
 # --- checks before any work ---------------------------------------------------------------------
 
 def check_path(path: str | os.PathLike) -> Path:
+    if not isinstance(path, (str, os.PathLike)):
+        raise InputError(f"path must be a file path ending in .onnx (str or os.PathLike), got {type(path).__name__}")
     target = Path(path)
     if target.suffix != ".onnx":
         raise ExportError(f"path must end in .onnx, got {str(path)!r}")
@@ -112,6 +114,8 @@ def check_path(path: str | os.PathLike) -> Path:
 
 
 def _check_options(merge: bool, quantize: str | None, opset: int | None, atol: float) -> None:
+    if not isinstance(merge, bool):
+        raise ExportError(f"merge must be True or False, got {merge!r}")
     if quantize not in QUANTIZE:
         raise ExportError(f"quantize must be None or 'int8', got {quantize!r}")
     if quantize and not merge:
@@ -123,8 +127,8 @@ def _check_options(merge: bool, quantize: str | None, opset: int | None, atol: f
                 f"opset must be an integer from {MIN_OPSET} (the dynamo exporter's lowest) to {newest} "
                 f"(onnx {onnx.__version__}'s newest), got {opset!r}; leave it None for the exporter's default"
             )
-    if not atol > 0:
-        raise ExportError(f"atol must be positive, got {atol!r}")
+    if isinstance(atol, bool) or not isinstance(atol, (int, float)) or not atol > 0:
+        raise ExportError(f"atol must be a positive number, got {atol!r}")
 
 
 @contextlib.contextmanager
@@ -389,6 +393,8 @@ def export_onnx(
         raise InputError(f"export_onnx takes an AdaptedModel (from adaptc.inject), got {type(am).__name__}")
     target = check_path(path)
     _check_options(merge, quantize, opset, atol)
+    if isinstance(latency_runs, bool) or not isinstance(latency_runs, int) or latency_runs < 1:
+        raise ExportError(f"latency_runs must be a positive integer, got {latency_runs!r}")
     prompt_methods = [n for n, c in am.adapter_configs().items() if c.method != "lora"]
     if prompt_methods and not merge:
         raise ExportError(

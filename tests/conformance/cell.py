@@ -1,0 +1,238 @@
+"""One cell of the conformance matrix: an architecture x a method, every stage checked.
+
+Stages, in order (the first that fails is the cell's outcome):
+  capture   the graph capture inside inject (a CaptureError)
+  inject    adaptc.inject (a prompt method on a model without attention must raise TargetError:
+            that is the expected outcome, recorded as ``n/a``)
+  train     one Adam step on a fixed batch lowers the loss; every base parameter and buffer is
+            bit-identical, every adapter parameter that got a gradient changed
+  save/load save_adapter, then load_adapter onto the model: bit-identical outputs
+  onnx      export_onnx (which checks ORT on fresh inputs itself), then our own ORT session at a
+            new batch size and length against the adapted model in PyTorch: <= 1e-4
+  merge     am.merge(): the merged model's output vs the adapted model's: <= 1e-5 (last, since
+            a LoRA merge writes into the model's own weights)
+
+The reference throughout is independent of the stage under test: the adapted model run unmerged in
+PyTorch. Adapters start randomized so that a merge or a load that dropped them would show.
+PEFT is tried on a fresh copy of the same model (``peft_support``) for the README's comparison.
+"""
+
+from __future__ import annotations
+
+import traceback
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils import _pytree as pytree
+from zoo import Arch
+
+import adaptc
+
+V = 4  # virtual tokens
+MERGE_ATOL = 1e-5
+ONNX_ATOL = 1e-4
+STAGES = ("capture", "inject", "train", "save/load", "onnx", "merge")
+
+
+@dataclass
+class CellResult:
+    arch: str
+    method: str
+    outcome: str = "fail"  # pass | n/a (the clear error, expected) | fail
+    stage: str = ""  # the stage that failed (or raised the expected error)
+    message: str = ""
+    metrics: dict[str, float] = field(default_factory=dict)
+    peft: str = ""
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+def options(method: str) -> dict[str, Any]:
+    if method == "lora":
+        return {"targets": "all-linear", "r": 4, "alpha": 8}
+    extra = {"encoder_hidden_size": 16} if method == "ptuning" else {}
+    return {"num_virtual_tokens": V, **extra}
+
+
+def call(module: Any, inputs: Any) -> Any:
+    return module(**inputs) if isinstance(inputs, dict) else module(*inputs)
+
+
+def tensors(out: Any) -> list[torch.Tensor]:
+    """Every floating-point tensor of an output (logits, hidden states; not integer lengths)."""
+    if hasattr(out, "to_tuple"):
+        out = out.to_tuple()
+    return [t for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor) and t.is_floating_point()]
+
+
+def main(out: Any) -> torch.Tensor:
+    return tensors(out)[0]
+
+
+def max_diff(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
+    assert len(a) == len(b), f"{len(a)} outputs vs {len(b)}"
+    return max(float((x.double() - y.double()).abs().max()) for x, y in zip(a, b))
+
+
+class StageFailed(Exception):
+    def __init__(self, stage: str, message: str) -> None:
+        super().__init__(f"{stage}: {message}")
+        self.stage, self.message = stage, message
+
+
+def _check(stage: str, ok: bool, message: str) -> None:
+    if not ok:
+        raise StageFailed(stage, message)
+
+
+def _randomize(am: adaptc.AdaptedModel, seed: int) -> None:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in am.adapters.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.05)
+
+
+def run_cell(arch: Arch, method: str, workdir: Path) -> CellResult:
+    result = CellResult(arch.id, method)
+    stage = "capture"
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            _run(arch, method, workdir, result)
+        result.outcome, result.stage = "pass", ""
+    except StageFailed as exc:
+        result.stage, result.message = exc.stage, exc.message
+    except adaptc.TargetError as exc:
+        stage = result.stage or "inject"
+        result.stage, result.message = stage, str(exc)
+        if method != "lora" and not arch.attention and stage == "inject" and "no attention" in str(exc):
+            result.outcome = "n/a"
+    except Exception as exc:  # noqa: BLE001 - the cell records what went wrong, the test asserts on it
+        where = traceback.extract_tb(exc.__traceback__)[-1]
+        result.message = f"{type(exc).__name__}: {exc} (at {Path(where.filename).name}:{where.lineno})"
+        result.stage = result.stage or stage
+    result.message = " ".join(result.message.split())[:400]
+    return result
+
+
+def _run(arch: Arch, method: str, workdir: Path, result: CellResult) -> None:
+    torch.manual_seed(0)
+    model = arch.build().eval()
+    batch = arch.inputs(*arch.sizes)
+    with torch.no_grad():
+        base_out = tensors(call(model, batch))
+
+    result.stage = "inject"
+    try:  # inject captures the model first: a CaptureError is the capture stage's failure
+        am = adaptc.inject(model, method, example_inputs=batch, **options(method))
+    except adaptc.CaptureError as exc:
+        raise StageFailed("capture", f"CaptureError: {exc}") from None
+    if method != "lora" and not arch.attention:
+        raise StageFailed("inject", "a prompt method was injected into a model without attention; expected the "
+                                    "clear error")
+    base_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    _check("inject", {id(p) for p in am.parameters() if p.requires_grad} == {id(p) for p in am.adapters.parameters()},
+           "parameters outside the adapters require grad")
+    am.eval()
+    _randomize(am, 1)
+    with torch.no_grad():
+        start = [p.detach().clone() for p in am.adapters.parameters()]
+        _randomize(am, 2)  # a reachable target: the same adapter with other weights
+        target = main(call(am, batch)).detach()
+        for p, s in zip(am.adapters.parameters(), start):
+            p.copy_(s)
+        adapted_out = tensors(call(am, batch))
+    result.metrics["adapter_effect"] = max_diff(adapted_out, base_out)
+
+    result.stage = "train"
+    params = [p for p in am.parameters() if p.requires_grad]
+    optimizer = torch.optim.Adam(params, lr=1e-3)
+    loss = F.mse_loss(main(call(am, batch)), target)
+    optimizer.zero_grad()
+    loss.backward()
+    grads = [p.grad is not None and bool(p.grad.abs().sum() > 0) for p in params]
+    optimizer.step()
+    with torch.no_grad():
+        after = F.mse_loss(main(call(am, batch)), target)
+    result.metrics["loss_before"], result.metrics["loss_after"] = loss.item(), after.item()
+    _check("train", after.item() < loss.item(), f"loss did not go down: {loss.item():.6g} -> {after.item():.6g}")
+    changed = [k for k, v in model.state_dict().items() if not torch.equal(v, base_state[k])]
+    _check("train", not changed, f"base state changed: {changed[:3]}")
+    _check("train", any(grads), "no adapter parameter got a gradient")
+    moved = [not torch.equal(p, s) for p, s in zip(params, start)]
+    _check("train", all(m for m, g in zip(moved, grads) if g), "an adapter parameter with a gradient did not change")
+
+    result.stage = "save/load"
+    with torch.no_grad():
+        expected = tensors(call(am, batch))
+    am.save_adapter(workdir / "adapter")
+    again = adaptc.load_adapter(model, workdir / "adapter", example_inputs=batch).eval()
+    with torch.no_grad():
+        got = tensors(call(again, batch))
+    result.metrics["load_diff"] = max_diff(got, expected)
+    _check("save/load", result.metrics["load_diff"] == 0.0, f"loaded adapter differs by {result.metrics['load_diff']:.3e}")
+    del again
+
+    result.stage = "onnx"
+    report = adaptc.export_onnx(am, workdir / "model.onnx", latency_runs=1)
+    result.metrics["onnx_report_diff"] = report.parity_max_abs_diff
+    other = arch.inputs(*arch.other)
+    with torch.no_grad():
+        reference = tensors(call(am, other))
+    ort_out = _ort(workdir / "model.onnx", other)
+    result.metrics["onnx_diff"] = max_diff([torch.from_numpy(o) for o in ort_out], reference)
+    _check("onnx", result.metrics["onnx_diff"] <= ONNX_ATOL,
+           f"ORT differs from PyTorch by {result.metrics['onnx_diff']:.3e} at batch/length {arch.other}")
+
+    result.stage = "merge"
+    merged = am.merge()
+    with torch.no_grad():
+        got = tensors(call(merged, batch))
+    result.metrics["merge_diff"] = max_diff(got, expected)
+    _check("merge", result.metrics["merge_diff"] <= MERGE_ATOL, f"merged differs by {result.metrics['merge_diff']:.3e}")
+
+
+def _ort(path: Path, inputs: Any) -> list[np.ndarray]:
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    args, kwargs = (inputs, {}) if isinstance(inputs, tuple) else ((), inputs)
+    leaves = [t for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
+    names = [i.name for i in session.get_inputs()]
+    assert len(names) == len(leaves), f"ONNX inputs {names} vs {len(leaves)} tensors"
+    outs = session.run(None, {n: t.numpy() for n, t in zip(names, leaves)})
+    return [o for o in outs if np.issubdtype(o.dtype, np.floating)]
+
+
+# --- PEFT, for the comparison column -------------------------------------------------------------
+
+def peft_support(arch: Arch, method: str) -> str:
+    """Try PEFT on a fresh copy of the model: 'yes' when get_peft_model and a forward work, else why not."""
+    import peft
+
+    try:
+        torch.manual_seed(0)
+        model = arch.build().eval()
+        batch = arch.inputs(*arch.sizes)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            if method == "lora":
+                config = peft.LoraConfig(r=4, target_modules="all-linear")
+            else:
+                kind = {"prompt": peft.PromptTuningConfig, "ptuning": peft.PromptEncoderConfig,
+                        "prefix": peft.PrefixTuningConfig}[method]
+                extra = {"encoder_hidden_size": 16} if method == "ptuning" else {}
+                config = kind(task_type=arch.peft_task or "FEATURE_EXTRACTION", num_virtual_tokens=V, **extra)
+            pm = peft.get_peft_model(model, config)
+            with torch.no_grad():
+                call(pm, batch)
+        return "yes"
+    except Exception as exc:  # noqa: BLE001 - what PEFT says is the answer
+        text = " ".join(str(exc).split())
+        return f"no ({type(exc).__name__}: {text[:90]})"

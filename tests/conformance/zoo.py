@@ -1,0 +1,301 @@
+"""The conformance zoo: every architecture the matrix runs, each built small from a config.
+
+An ``Arch`` says how to build the model (random weights, seeded by the caller), how to make a
+call's inputs at a batch size and length, the sizes of the fixed batch and of a second, new
+shape (the ONNX check), whether it has attention (prompt methods apply only then) and the task
+type PEFT would need for its prompt methods (None: PEFT has none for this kind of model).
+Nothing here downloads anything.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import timm
+import torch
+import torch.nn.functional as F
+import torchaudio
+import transformers as tf
+from torch import nn
+
+VOCAB = 64
+
+
+@dataclass(frozen=True)
+class Arch:
+    id: str
+    family: str  # transformers | timm | torchaudio | custom
+    kind: str  # what it is, for the table
+    build: Callable[[], nn.Module]
+    inputs: Callable[[int, int], Any]
+    sizes: tuple[int, int]
+    other: tuple[int, int]  # a new batch size and, where the model allows, a new length
+    attention: bool = True
+    peft_task: str | None = None
+
+
+def ids(b: int, t: int) -> dict:
+    return {"input_ids": torch.randint(0, VOCAB, (b, t))}
+
+
+def ids_mask(b: int, t: int) -> dict:
+    return {"input_ids": torch.randint(0, VOCAB, (b, t)), "attention_mask": torch.ones(b, t, dtype=torch.long)}
+
+
+def causal(b: int, t: int) -> dict:
+    return {"input_ids": torch.randint(0, VOCAB, (b, t)), "use_cache": False}
+
+
+def seq2seq(b: int, t: int) -> dict:
+    return {"input_ids": torch.randint(0, VOCAB, (b, t)), "decoder_input_ids": torch.randint(0, VOCAB, (b, t - 2)),
+            "use_cache": False}
+
+
+def pixels(b: int, s: int) -> dict:
+    return {"pixel_values": torch.randn(b, 3, s, s)}
+
+
+def image(b: int, s: int) -> tuple:
+    return (torch.randn(b, 3, s, s),)
+
+
+def values(b: int, n: int) -> dict:
+    return {"input_values": torch.randn(b, n)}
+
+
+def waveform(b: int, n: int) -> tuple:
+    return (torch.randn(b, n),)
+
+
+TEXT = dict(sizes=(2, 8), other=(3, 11))
+
+
+# --- transformers -------------------------------------------------------------------------------
+
+def _hf(cls: Any, config_cls: Any, **config: Any) -> Callable[[], nn.Module]:
+    return lambda: cls(config_cls(**config))
+
+
+# LAYER_SCALE: ConvNeXt initialises its per-block layer scale to 1e-6, so at init any change inside a block
+# (an adapter on its MLP) moves the output by ~1e-13, below float32 resolution. Trained ConvNeXts have scales
+# of order 0.1-1; the zoo uses 0.5 so that the adapters' effect is measurable.
+SMALL_W2V = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                 num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=4, conv_dim=(16, 16, 16),
+                 conv_stride=(5, 4, 4), conv_kernel=(10, 4, 4), vocab_size=VOCAB)
+BERTISH = dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+               max_position_embeddings=64, num_labels=3)
+
+TRANSFORMERS = [
+    Arch("gpt2", "transformers", "decoder", _hf(tf.GPT2LMHeadModel, tf.GPT2Config, vocab_size=VOCAB, n_positions=64,
+                                                n_embd=32, n_layer=2, n_head=4), causal, **TEXT, peft_task="CAUSAL_LM"),
+    Arch("llama", "transformers", "decoder, grouped-query attention", _hf(
+        tf.LlamaForCausalLM, tf.LlamaConfig, vocab_size=VOCAB, hidden_size=32, intermediate_size=64,
+        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64),
+        causal, **TEXT, peft_task="CAUSAL_LM"),
+    Arch("qwen2", "transformers", "decoder, grouped-query attention", _hf(
+        tf.Qwen2ForCausalLM, tf.Qwen2Config, vocab_size=VOCAB, hidden_size=32, intermediate_size=64,
+        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=1, max_position_embeddings=64),
+        causal, **TEXT, peft_task="CAUSAL_LM"),
+    Arch("opt", "transformers", "decoder", _hf(
+        tf.OPTForCausalLM, tf.OPTConfig, vocab_size=VOCAB, hidden_size=32, ffn_dim=64, num_hidden_layers=2,
+        num_attention_heads=4, max_position_embeddings=64, word_embed_proj_dim=32),
+        causal, **TEXT, peft_task="CAUSAL_LM"),
+    Arch("bert", "transformers", "encoder", _hf(tf.BertForSequenceClassification, tf.BertConfig, **BERTISH),
+         ids_mask, **TEXT, peft_task="SEQ_CLS"),
+    Arch("roberta", "transformers", "encoder", _hf(
+        tf.RobertaForSequenceClassification, tf.RobertaConfig, **{**BERTISH, "max_position_embeddings": 80}),
+        ids_mask, **TEXT, peft_task="SEQ_CLS"),
+    Arch("distilbert", "transformers", "encoder", _hf(
+        tf.DistilBertForSequenceClassification, tf.DistilBertConfig, vocab_size=VOCAB, dim=32, n_layers=2,
+        n_heads=4, hidden_dim=64, max_position_embeddings=64, num_labels=3),
+        ids_mask, **TEXT, peft_task="SEQ_CLS"),
+    Arch("t5", "transformers", "encoder-decoder", _hf(
+        tf.T5ForConditionalGeneration, tf.T5Config, vocab_size=VOCAB, d_model=32, d_kv=8, d_ff=64, num_layers=2,
+        num_decoder_layers=2, num_heads=4, decoder_start_token_id=0, pad_token_id=0),
+        seq2seq, **TEXT, peft_task="SEQ_2_SEQ_LM"),
+    Arch("bart", "transformers", "encoder-decoder", _hf(
+        tf.BartForConditionalGeneration, tf.BartConfig, vocab_size=VOCAB, d_model=32, encoder_layers=2,
+        decoder_layers=2, encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=64,
+        decoder_ffn_dim=64, max_position_embeddings=64),
+        seq2seq, **TEXT, peft_task="SEQ_2_SEQ_LM"),
+    Arch("hf-vit", "transformers", "vision transformer", _hf(
+        tf.ViTForImageClassification, tf.ViTConfig, image_size=32, patch_size=8, hidden_size=32,
+        num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, num_labels=5),
+        pixels, (2, 32), (3, 32)),
+    Arch("hf-deit", "transformers", "vision transformer, distillation token", _hf(
+        tf.DeiTForImageClassificationWithTeacher, tf.DeiTConfig, image_size=32, patch_size=8, hidden_size=32,
+        num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, num_labels=5),
+        pixels, (2, 32), (3, 32)),
+    Arch("hf-swin", "transformers", "hierarchical vision transformer", _hf(
+        tf.SwinForImageClassification, tf.SwinConfig, image_size=32, patch_size=4, embed_dim=16, depths=[1, 1],
+        num_heads=[2, 2], window_size=4, num_labels=5),
+        pixels, (2, 32), (3, 32)),
+    Arch("hf-convnext", "transformers", "convolutional", _hf(
+        tf.ConvNextForImageClassification, tf.ConvNextConfig, num_stages=2, hidden_sizes=[8, 16], depths=[1, 1], num_labels=5,
+        layer_scale_init_value=0.5),  # see LAYER_SCALE
+        pixels, (2, 32), (3, 48), attention=False),
+    Arch("hf-segformer", "transformers", "hierarchical vision transformer, reduced-key attention", _hf(
+        tf.SegformerForImageClassification, tf.SegformerConfig, num_encoder_blocks=2, depths=[1, 1],
+        sr_ratios=[2, 1], hidden_sizes=[16, 32], patch_sizes=[7, 3], strides=[4, 2], num_attention_heads=[1, 2],
+        mlp_ratios=[2, 2], num_labels=5),
+        pixels, (2, 32), (3, 32)),
+    Arch("hf-wav2vec2", "transformers", "audio encoder", _hf(tf.Wav2Vec2ForCTC, tf.Wav2Vec2Config, **SMALL_W2V),
+         values, (2, 1600), (3, 2400)),
+    Arch("hf-hubert", "transformers", "audio encoder", _hf(tf.HubertForCTC, tf.HubertConfig, **SMALL_W2V),
+         values, (2, 1600), (3, 2400)),
+    Arch("whisper-encoder", "transformers", "audio encoder (Whisper's, with a classifier head)", _hf(
+        tf.WhisperForAudioClassification, tf.WhisperConfig, num_mel_bins=8, d_model=32, encoder_layers=2,
+        encoder_attention_heads=4, encoder_ffn_dim=64, decoder_layers=1, decoder_attention_heads=4,
+        decoder_ffn_dim=64, max_source_positions=16, max_target_positions=16, vocab_size=VOCAB, num_labels=3, pad_token_id=0,
+        bos_token_id=1, eos_token_id=2, decoder_start_token_id=1),
+        lambda b, t: {"input_features": torch.randn(b, 8, t)}, (2, 32), (3, 32)),  # Whisper takes a fixed length
+]
+
+
+# --- timm ---------------------------------------------------------------------------------------
+
+def _timm(name: str, **kwargs: Any) -> Callable[[], nn.Module]:
+    return lambda: timm.create_model(name, pretrained=False, num_classes=10, **kwargs)
+
+
+TIMM = [
+    Arch("timm-vit", "timm", "vision transformer", _timm("vit_tiny_patch16_224", depth=2, img_size=32),
+         image, (2, 32), (3, 32)),
+    Arch("timm-deit", "timm", "vision transformer, distillation token",
+         _timm("deit_tiny_distilled_patch16_224", depth=2, img_size=32), image, (2, 32), (3, 32)),
+    Arch("timm-resnet18", "timm", "convolutional", _timm("resnet18"), image, (2, 32), (3, 48), attention=False),
+    Arch("timm-convnext", "timm", "convolutional", _timm("convnext_atto", ls_init_value=0.5), image, (2, 32), (3, 64),
+         attention=False),  # see LAYER_SCALE
+    Arch("timm-mobilenetv3", "timm", "convolutional, depthwise + squeeze-excite", _timm("mobilenetv3_small_050"),
+         image, (2, 32), (3, 48), attention=False),
+    Arch("timm-regnet", "timm", "convolutional, grouped", _timm("regnetx_002"), image, (2, 32), (3, 48),
+         attention=False),
+    Arch("timm-swin", "timm", "hierarchical vision transformer, shifted windows", _timm(
+        "swin_tiny_patch4_window7_224", img_size=32, window_size=4, embed_dim=16, depths=(1, 1), num_heads=(2, 2)),
+        image, (2, 32), (3, 32)),
+    Arch("timm-pvt_v2", "timm", "hierarchical vision transformer, reduced-key attention", _timm(
+        "pvt_v2_b0", depths=(1, 1, 1, 1)), image, (2, 32), (3, 32)),
+    Arch("timm-mobilevit", "timm", "hybrid: convolutions + transformer blocks", _timm("mobilevit_xxs"),
+         image, (2, 64), (3, 64)),
+    Arch("timm-levit", "timm", "hybrid: convolutional stem + attention with learned biases", _timm(
+        "levit_128s", img_size=64), image, (2, 64), (3, 64)),
+    Arch("timm-mixer", "timm", "MLP-Mixer (no attention)", lambda: timm.models.mlp_mixer.MlpMixer(  # mixer_s16_224's class, small
+        num_classes=10, img_size=32, patch_size=8, num_blocks=2, embed_dim=32), image, (2, 32), (3, 32),
+        attention=False),
+]
+
+
+# --- torchaudio ---------------------------------------------------------------------------------
+
+def _w2v(**overrides: Any) -> Callable[[], nn.Module]:
+    args = dict(extractor_mode="group_norm", extractor_conv_layer_config=[(16, 10, 5), (16, 4, 4), (16, 4, 4)],
+                extractor_conv_bias=False, encoder_embed_dim=32, encoder_projection_dropout=0.1,
+                encoder_pos_conv_kernel=16, encoder_pos_conv_groups=4, encoder_num_layers=2, encoder_num_heads=4,
+                encoder_attention_dropout=0.1, encoder_ff_interm_features=64, encoder_ff_interm_dropout=0.0,
+                encoder_dropout=0.1, encoder_layer_norm_first=False, encoder_layer_drop=0.0, aux_num_out=None)
+    return lambda: torchaudio.models.wav2vec2_model(**{**args, **overrides})
+
+
+def conformer_inputs(b: int, t: int) -> tuple:
+    lengths = torch.full((b,), t, dtype=torch.int64)
+    lengths[1:] = torch.randint(t // 2, t + 1, (b - 1,))  # the first is full: max(lengths) == t
+    return (torch.randn(b, t, 32), lengths)
+
+
+TORCHAUDIO = [
+    Arch("torchaudio-wav2vec2", "torchaudio", "audio encoder", _w2v(), waveform, (2, 1600), (3, 2400)),
+    Arch("torchaudio-hubert", "torchaudio", "audio encoder (HuBERT-large layout: layer-norm extractor, pre-norm)",
+         _w2v(extractor_mode="layer_norm", extractor_conv_bias=True, encoder_layer_norm_first=True, aux_num_out=VOCAB),
+         waveform, (2, 1600), (3, 2400)),
+    Arch("torchaudio-conformer", "torchaudio", "audio encoder, length mask", lambda: torchaudio.models.Conformer(
+        input_dim=32, num_heads=4, ffn_dim=64, num_layers=2, depthwise_conv_kernel_size=7, dropout=0.1),
+        conformer_inputs, (2, 20), (3, 31)),
+]
+
+
+# --- custom modules written with functional ops ---------------------------------------------------
+
+class FunctionalConvNet(nn.Module):
+    """No nn.Linear / nn.Conv2d submodules: F.conv2d, F.linear and ``@`` on bare parameters."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Parameter(torch.randn(16, 3, 3, 3) * 0.2)
+        self.pointwise = nn.Parameter(torch.randn(24, 16, 1, 1) * 0.25)
+        self.fc_weight = nn.Parameter(torch.randn(32, 24) * 0.2)
+        self.fc_bias = nn.Parameter(torch.zeros(32))
+        self.mix = nn.Parameter(torch.randn(32, 32) * 0.2)
+        self.head = nn.Parameter(torch.randn(7, 32) * 0.2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(F.conv2d(x, self.stem, padding=1))
+        x = F.relu(F.conv2d(x, self.pointwise))
+        h = F.gelu(F.linear(x.mean(dim=(2, 3)), self.fc_weight, self.fc_bias))
+        return F.linear(torch.tanh(h @ self.mix), self.head)
+
+
+class SDPABlock(nn.Module):
+    def __init__(self, dim: int = 32, heads: int = 4) -> None:
+        super().__init__()
+        self.heads = heads
+        self.norm = nn.LayerNorm(dim)
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.out = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, d = x.shape
+        q, k, v = self.qkv(self.norm(x)).view(b, t, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return x + self.out(y.transpose(1, 2).reshape(b, t, d))
+
+
+class FunctionalSDPA(nn.Module):
+    """Features in, a causal F.scaled_dot_product_attention transformer, features out."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Linear(8, 32)
+        self.blocks = nn.Sequential(SDPABlock(), SDPABlock())
+        self.head = nn.Linear(32, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.blocks(self.embed(x)))
+
+
+class FunctionalTokens(nn.Module):
+    """Token ids in; F.embedding, F.linear and attention written out as matmul / softmax / matmul,
+    all on bare parameters (no submodule at all)."""
+
+    def __init__(self, dim: int = 32, heads: int = 4, layers: int = 2) -> None:
+        super().__init__()
+        self.heads = heads
+        self.table = nn.Parameter(torch.randn(VOCAB, dim) * 0.5)
+        self.qkv = nn.ParameterList(nn.Parameter(torch.randn(3 * dim, dim) * dim ** -0.5) for _ in range(layers))
+        self.proj = nn.ParameterList(nn.Parameter(torch.randn(dim, dim) * dim ** -0.5) for _ in range(layers))
+        self.head = nn.Parameter(torch.randn(VOCAB, dim) * dim ** -0.5)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        x = F.embedding(input_ids, self.table)
+        b, t, d = x.shape
+        for qkv, proj in zip(self.qkv, self.proj):
+            h = F.layer_norm(x, (d,))
+            q, k, v = F.linear(h, qkv).view(b, t, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+            scores = q @ k.transpose(-2, -1) / (d // self.heads) ** 0.5
+            y = torch.softmax(scores, dim=-1) @ v
+            x = x + F.linear(y.transpose(1, 2).reshape(b, t, d), proj)
+        return F.linear(F.layer_norm(x, (d,)), self.head)
+
+
+CUSTOM = [
+    Arch("custom-conv", "custom", "F.conv2d / F.linear / @ on bare parameters (no attention)", FunctionalConvNet,
+         image, (2, 12), (3, 17), attention=False),
+    Arch("custom-sdpa", "custom", "F.scaled_dot_product_attention transformer on features", FunctionalSDPA,
+         lambda b, t: (torch.randn(b, t, 8),), (2, 10), (3, 13)),
+    Arch("custom-tokens", "custom", "F.embedding + matmul/softmax attention on bare parameters", FunctionalTokens,
+         lambda b, t: (torch.randint(0, VOCAB, (b, t)),), (2, 8), (3, 11)),
+]
+
+ARCHS: dict[str, Arch] = {a.id: a for a in TRANSFORMERS + TIMM + TORCHAUDIO + CUSTOM}
+METHODS = ("lora", "prompt", "ptuning", "prefix")
