@@ -17,7 +17,6 @@ upsampled to 16x16 for the ViT; 1,200 for training, the rest held out.
 from __future__ import annotations
 
 import os
-import sys
 import time
 from functools import cache
 from pathlib import Path
@@ -132,7 +131,25 @@ def metric(output: torch.Tensor, batch: dict[str, torch.Tensor]) -> float:
     return (output.argmax(-1) == batch["label"]).float().mean().item()
 
 
-def main(name: str = "vit", steps: int = 80) -> int:
+def _adapt(base: nn.Module, method: str) -> nn.Module:
+    import adaptc
+
+    if method == "lora":
+        # '.*': every linear and conv op, the classifier head included (it must learn the five new classes).
+        am = adaptc.inject(base, "lora", example_inputs=example_inputs(), r=8, alpha=16, targets=".*")
+        print(f"LoRA r=8 on {len(am.sites)} sites; {am.trainable_summary(print_it=False)}")
+        return am
+    # Prompt tuning: 8 learned tokens inserted after the class token, at the sequence entry adaptc finds in the
+    # graph. The frozen head has never predicted 5-9 (training pushed those rows down), so the head gets a
+    # rank-8 LoRA beside the prompt, as PEFT trains a classifier head with prompt tuning (modules_to_save).
+    am = adaptc.inject(base, "prompt", example_inputs=example_inputs(), num_virtual_tokens=8)
+    am.add_adapter("head", "lora", targets=["head"], r=8, alpha=16)
+    am.set_adapter(["default", "head"])
+    print(f"prompt tuning (8 virtual tokens) + LoRA r=8 on the head; {am.trainable_summary(print_it=False)}")
+    return am
+
+
+def main(name: str = "vit", steps: int = 80, method: str = "lora") -> int:
     from adaptc.targets import ort as rt
 
     import adaptc
@@ -141,14 +158,13 @@ def main(name: str = "vit", steps: int = 80) -> int:
     t0 = time.perf_counter()
     base = build_model()
     print(f"base model: timm {name}, trained on digits 0-4 only ({time.perf_counter() - t0:.0f}s)")
-    # '.*': every linear and conv op, the classifier head included (it must learn the five new classes).
-    am = adaptc.inject(base, "lora", example_inputs=example_inputs(), r=8, alpha=16, targets=".*")
-    print(f"LoRA r=8 on {len(am.sites)} sites; {am.trainable_summary(print_it=False)}")
-    out = ROOT / "out" / f"vision_{name}"
+    am = _adapt(base, method)
+    out = ROOT / "out" / f"vision_{name}_{method}"
     result = adaptc.train(am, train_batches, loss=loss, eval_batches=eval_batches(), metric=metric,
-                          steps=steps, lr=5e-3, output_dir=out)
+                          steps=steps, lr=5e-3 if method == "lora" else 2e-2, output_dir=out)
     before, after = result.evals[0]["metric"], result.evals[-1]["metric"]
-    print(f"accuracy on {len(_digits()[1]) - N_TRAIN} held-out digits (0-9): {before:.1%} before -> {after:.1%} after LoRA")
+    what = "LoRA" if method == "lora" else "prompt tuning"
+    print(f"accuracy on {len(_digits()[1]) - N_TRAIN} held-out digits (0-9): {before:.1%} before -> {after:.1%} after {what}")
 
     report = adaptc.export_onnx(am, out / f"digits_{name}.onnx")
     print(report.summary())
@@ -163,5 +179,14 @@ def main(name: str = "vit", steps: int = 80) -> int:
 
 
 if __name__ == "__main__":
-    names = sys.argv[1:] or ["vit", "resnet"]
-    raise SystemExit(max(main(n) for n in names))
+    import argparse
+
+    parser = argparse.ArgumentParser(description="LoRA / prompt tuning on digits (see the docstring)")
+    parser.add_argument("models", nargs="*", choices=[*SIZES, []], default=["vit", "resnet"])
+    parser.add_argument("--method", choices=["lora", "prompt"], default="lora", help="prompt: ViT only")
+    parser.add_argument("--steps", type=int, default=80)
+    args = parser.parse_args()
+    if args.method == "prompt" and "resnet" in args.models:
+        parser.error("--method prompt needs attention: use it with vit (a ResNet has no token sequence)")
+    models = args.models or (["vit"] if args.method == "prompt" else list(SIZES))
+    raise SystemExit(max(main(n, args.steps, args.method) for n in models))

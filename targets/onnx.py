@@ -403,6 +403,7 @@ def export_onnx(
             "graph's shapes; export it with merge=True"
         )
     inputs = normalize_inputs(example_inputs) if example_inputs is not None else am.example_inputs
+    inputs = _batch_of_two(am, inputs)
     external = _weights_bytes(am) > EXTERNAL_DATA_BYTES if external_data is None else bool(external_data)
     am = _full_precision(am, inputs, merge)  # a quantized base (QLoRA) exports as a merged fp copy
     try:
@@ -415,6 +416,35 @@ def export_onnx(
                            latency_runs, merged_weights)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _batch_of_two(am, inputs: Inputs) -> Inputs:
+    """A batch of one, traced as a batch of two: the ONNX model must accept any batch.
+
+    torch.export specialises every axis of size 1 to the constant 1 (its 0/1 specialisation), even
+    under ``Dim.AUTO``: a graph captured from one row bakes the batch into its reshapes and
+    broadcasts, while the ONNX input still says ``batch`` (measured on Llama: at batch 2, ONNX
+    Runtime failed in a Mul broadcasting 6 against 12, batch x length flattened). When every tensor input has 1 row, the rows are repeated
+    to 2 for capture and export; a model that rejects that (axis 0 was not a batch) keeps its own.
+    """
+    leaves = [leaf for leaf in inputs.flat() if isinstance(leaf, torch.Tensor) and leaf.dim() >= 1]
+    if not leaves or any(leaf.shape[0] != 1 for leaf in leaves):
+        return inputs
+    from torch.utils import _pytree as pytree
+
+    def two(leaf: Any) -> Any:
+        if isinstance(leaf, torch.Tensor) and leaf.dim() >= 1:
+            return torch.cat([leaf, leaf])
+        return leaf
+
+    args, kwargs = pytree.tree_map(two, (inputs.args, inputs.kwargs))
+    doubled = Inputs(tuple(args), dict(kwargs))
+    try:
+        with _eval(am), torch.no_grad():
+            am.graph_for(doubled)  # captured here (or found), so a failure falls back to the original
+    except Exception:  # noqa: BLE001 - axis 0 was not a batch: export from the example as given
+        return inputs
+    return doubled
 
 
 def _full_precision(am, inputs: Inputs, merge: bool):

@@ -129,6 +129,28 @@ def test_merged_export_bert_and_resnet(case, tmp_path):
     assert only_files(tmp_path) == {"m.onnx"}
 
 
+def test_llama_exported_from_one_row_runs_any_batch_and_length(tmp_path):
+    """torch.export specialises a size-1 axis to the constant 1; an export from a single prompt must still
+    serve batches. The adapter was captured from other keywords, so the export captures anew from 1 row."""
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64)).eval()
+    capture = {"input_ids": torch.randint(0, VOCAB, (2, 8)), "attention_mask": torch.ones(2, 8, dtype=torch.long),
+               "use_cache": False}
+    am = adaptc.inject(model, "lora", example_inputs=capture, r=4)
+    randomize(am)
+    path = tmp_path / "llama.onnx"
+    report = adaptc.export_onnx(am, path, example_inputs={"input_ids": torch.randint(0, VOCAB, (1, 10)), "use_cache": False})
+    assert report.dynamic_axes["input_ids"] == {0: "batch", 1: "sequence"}
+    ids = torch.randint(0, VOCAB, (3, 13))  # another batch and a new length, neither seen in capture or export
+    (got,) = session_outputs(str(path), {"input_ids": ids.numpy()})
+    with torch.no_grad():
+        expected = am(input_ids=ids, use_cache=False).logits.numpy()
+    assert got.shape == expected.shape == (3, 13, VOCAB)
+    assert np.abs(got - expected).max() <= 1e-4
+
+
 # --- unmerged: one session, adapters switched per run ------------------------------------------------
 
 def test_unmerged_adapters_equal_their_merged_exports_and_base(tmp_path):
