@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import os
 import platform
 import statistics
 import sys
@@ -34,9 +35,13 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
-import torch
 
-from adaptc.atomic import atomic_write_bytes
+# Interleaved timing of torch and ONNX Runtime: neither runtime's threads may busy-wait after a run
+# (libgomp spins by default), or each steals the cores from the variant timed next.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+import torch  # noqa: E402
+
+from adaptc.atomic import atomic_write_bytes  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_lora_train import build  # noqa: E402  (the same model builders)
@@ -74,6 +79,8 @@ def variants(family: str, args: argparse.Namespace, workdir: Path) -> tuple[dict
     options = ort.SessionOptions()
     options.intra_op_num_threads = args.threads
     options.inter_op_num_threads = 1
+    # ORT's pool spins after each run and would steal the cores from the torch variant timed next.
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     sessions = {name: ort.InferenceSession(str(workdir / f"{name}.onnx"), options, providers=["CPUExecutionProvider"])
                 for name in ("base", "merged", "merged.int8")}
     feeds = {name: {sessions[name].get_inputs()[0].name: ids.numpy()} for name in sessions}

@@ -29,14 +29,17 @@ RUNS = [
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--only", help="comma-separated names: " + ", ".join(name for name, _, _ in RUNS))
+    parser.add_argument("--only", help="comma-separated names: " + ", ".join(name for name, _, _ in RUNS)
+                        + " (the others' last RESULTS-<name>.md files are kept in RESULTS.md)")
     args = parser.parse_args()
     wanted = set(args.only.split(",")) if args.only else {name for name, _, _ in RUNS}
     sections = []
     for name, script, extra in RUNS:
-        if name not in wanted:
-            continue
         out = HERE / (f"RESULTS-{name}.md" if not args.quick else f"quick-{name}.md")
+        if name not in wanted:
+            if out.is_file() and not args.quick:
+                sections.append(out.read_text())
+            continue
         command = [sys.executable, str(HERE / script), "--out", str(out)]
         if extra is not None:
             command += (QUICK if args.quick else SIZES) + extra
