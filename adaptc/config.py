@@ -92,7 +92,7 @@ class LoraConfig:
             raise ConfigError("targets is None; give a regular expression, a list of module names or 'all-linear'")
         if self.layers is not None:
             layers = [self.layers] if isinstance(self.layers, int) else self.layers
-            if isinstance(layers, (str, bytes)) or not all(
+            if isinstance(layers, (str, bytes)) or not isinstance(layers, Sequence) or not all(
                 isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in layers
             ):
                 raise ConfigError(f"layers must be a layer index or a list of them (>= 0), got {self.layers!r}")

@@ -125,7 +125,15 @@ class LoraSiblings(nn.Module):
         ranks = [layer.lora_A.shape[0] for layer in layers]
         scales = [layer.scaling * inverse_keep for layer in layers]
         bs = [layer.lora_B for layer in layers]
-        return _SiblingLora.apply(x2d, keep, a_cat, ranks, scales, len(layers), *bs, *bases)
+        device = x.device.type
+        if torch.is_autocast_enabled(device):
+            # Compute in autocast's dtype, as the plain layers would; the casts stay outside the Function
+            # (autograd casts the gradients back), and autocast is off inside it: its backward runs
+            # without autocast, so forward and backward must agree on dtypes by themselves.
+            compute = torch.get_autocast_dtype(device)
+            x2d, a_cat, bs = x2d.to(compute), a_cat.to(compute), [b.to(compute) for b in bs]
+        with torch.autocast(device, enabled=False):
+            return _SiblingLora.apply(x2d, keep, a_cat, ranks, scales, len(layers), *bs, *bases)
 
 
 def _fusable(module: nn.Module) -> bool:

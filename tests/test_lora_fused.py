@@ -171,3 +171,24 @@ def test_torch_compile_of_a_fused_adapted_model_matches_eager():
     torch.testing.assert_close(out, eager, atol=1e-5, rtol=1e-5)
     for name, grad in expected.items():
         torch.testing.assert_close(dict(am.named_parameters())[name].grad, grad, atol=1e-5, rtol=1e-5)
+
+
+def test_bf16_autocast_is_as_close_to_fp32_as_the_plain_nodes():
+    """Reference: the plain nodes in fp32. Under bf16 autocast the fused nodes must not be further
+    from it than the plain nodes under the same autocast (both round to bf16's 8 bits)."""
+    x = torch.randn(2, 5, 24)
+    results = {}
+    for fuse, autocast in ((True, True), (False, True), (False, False)):
+        torch.manual_seed(0)
+        am = _inject(Attention(), x, fuse_siblings=fuse).train()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            out = am(x)
+        out.float().sum().backward()
+        results[fuse, autocast] = (out.float(), {n: p.grad for n, p in am.named_parameters() if p.requires_grad})
+    (fused, fused_grads), (plain, plain_grads) = results[True, True], results[False, True]
+    reference, reference_grads = results[False, False]
+    assert (fused - reference).abs().max() <= 2 * (plain - reference).abs().max() + 1e-3
+    for name, grad in reference_grads.items():
+        assert fused_grads[name].dtype == torch.float32
+        scale = grad.abs().max()
+        assert (fused_grads[name] - grad).abs().max() <= 2 * (plain_grads[name] - grad).abs().max() + 1e-3 * scale
