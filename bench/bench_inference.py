@@ -25,10 +25,8 @@ import argparse
 import copy
 import os
 import platform
-import statistics
 import sys
 import tempfile
-import time
 import warnings
 import zlib
 from collections.abc import Callable
@@ -41,10 +39,8 @@ import numpy as np
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import torch  # noqa: E402
 
-from adaptc.atomic import atomic_write_bytes  # noqa: E402
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_lora_train import build  # noqa: E402  (the same model builders)
+from bench_lora_train import build, interleaved_medians, write_results  # noqa: E402  (the same model builders)
 
 
 def logits_of(output) -> torch.Tensor:
@@ -111,18 +107,6 @@ def variants(family: str, args: argparse.Namespace, workdir: Path) -> tuple[dict
     return steps, notes
 
 
-def measure(steps: dict[str, Callable], rounds: int) -> dict[str, float]:
-    for step in steps.values():
-        step()
-    times: dict[str, list[float]] = {name: [] for name in steps}
-    for _ in range(rounds):
-        for name, step in steps.items():
-            start = time.perf_counter()
-            step()
-            times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(t) * 1000 for name, t in times.items()}
-
-
 def table(results: dict[str, tuple[dict[str, float], dict[str, str]]]) -> str:
     lines = ["| model | variant | ms / batch | / PEFT unmerged | / ORT base | vs PEFT output |", "|---|---|---|---|---|---|"]
     for family, (medians, notes) in results.items():
@@ -154,7 +138,7 @@ def main() -> None:
         print(f"{family}: exporting and warming up ...", file=sys.stderr)
         with tempfile.TemporaryDirectory() as workdir:
             steps, notes = variants(family, args, Path(workdir))
-            results[family] = (measure(steps, args.rounds), notes)
+            results[family] = (interleaved_medians(steps, args.rounds), notes)
     text = table(results)
     print(text)
     header = (
@@ -165,8 +149,7 @@ def main() -> None:
         f"{torch.__version__}, onnxruntime {__import__('onnxruntime').__version__}, Python "
         f"{platform.python_version()}, {platform.machine()}.\n\n"
     )
-    atomic_write_bytes(Path(args.out), (header + text + "\n").encode())
-    print(f"written to {args.out}", file=sys.stderr)
+    write_results(args.out, header, text)
 
 
 if __name__ == "__main__":

@@ -157,19 +157,33 @@ def variant_names() -> list[str]:
 
 # --- measuring -------------------------------------------------------------------------------------
 
-def measure_time(family: str, args: argparse.Namespace) -> dict[str, float]:
-    clock = time.thread_time if args.cpu_time else time.perf_counter
-    base, batch = build(family, args), make_batch(family, args)
-    steps = {name: make_variant(name, family, base, batch) for name in variant_names()}
+def interleaved_medians(steps: dict[str, Callable[[], object]], rounds: int,
+                        clock: Callable[[], float] = time.perf_counter) -> dict[str, float]:
+    """Warm every step up, then time one call of each in turn per round; median ms per step.
+
+    Shared by every benchmark here: interleaving makes machine noise hit all variants alike.
+    """
     for step in steps.values():  # warm-up: first-call capture, allocator, optimizer state
         step()
     times: dict[str, list[float]] = {name: [] for name in steps}
-    for _ in range(args.rounds):
+    for _ in range(rounds):
         for name, step in steps.items():
             start = clock()
             step()
             times[name].append(clock() - start)
     return {name: statistics.median(t) * 1000 for name, t in times.items()}
+
+
+def write_results(out: str | Path, header: str, text: str) -> None:
+    """The table with its header (command line, sizes, versions) to ``out``, atomically."""
+    atomic_write_bytes(Path(out), (header + text + "\n").encode())
+    print(f"written to {out}", file=sys.stderr)
+
+
+def measure_time(family: str, args: argparse.Namespace) -> dict[str, float]:
+    base, batch = build(family, args), make_batch(family, args)
+    steps = {name: make_variant(name, family, base, batch) for name in variant_names()}
+    return interleaved_medians(steps, args.rounds, time.thread_time if args.cpu_time else time.perf_counter)
 
 
 def _status_kib(field: str) -> int:
@@ -283,8 +297,7 @@ def main() -> None:
         f"{' (thread CPU time)' if args.cpu_time else ''}. torch {torch.__version__}, "
         f"Python {platform.python_version()}, {platform.machine()} ({platform.processor() or 'cpu'}).\n\n"
     )
-    atomic_write_bytes(Path(args.out), (header + text + "\n").encode())
-    print(f"written to {args.out}", file=sys.stderr)
+    write_results(args.out, header, text)
 
 
 if __name__ == "__main__":

@@ -15,19 +15,15 @@ from __future__ import annotations
 import argparse
 import copy
 import platform
-import statistics
 import sys
-import time
 import warnings
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
-from adaptc.atomic import atomic_write_bytes
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_lora_train import build, make_floor, make_step  # noqa: E402
+from bench_lora_train import build, interleaved_medians, make_floor, make_step, write_results  # noqa: E402
 
 TOKENS = 20
 METHODS = {
@@ -65,18 +61,6 @@ def variants(family: str, args: argparse.Namespace, batch: dict) -> dict[str, Ca
     return steps
 
 
-def measure(steps: dict[str, Callable[[], None]], rounds: int) -> dict[str, float]:
-    for step in steps.values():
-        step()
-    times: dict[str, list[float]] = {name: [] for name in steps}
-    for _ in range(rounds):
-        for name, step in steps.items():
-            start = time.perf_counter()
-            step()
-            times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(t) * 1000 for name, t in times.items()}
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--layers", type=int, default=6)
@@ -97,7 +81,7 @@ def main() -> None:
     lines = ["| model | method | PEFT ms / step | adaptc ms / step | adaptc / PEFT | adaptc x floor |", "|---|---|---|---|---|---|"]
     for family in args.models.split(","):
         print(f"{family}: building and warming up ...", file=sys.stderr)
-        medians = measure(variants(family, args, batch), args.rounds)
+        medians = interleaved_medians(variants(family, args, batch), args.rounds)
         floor = medians["floor"]
         lines.append(f"| {family} | floor | | {floor:.0f} | | 1.00 |")
         for label in METHODS:
@@ -111,8 +95,7 @@ def main() -> None:
         f"{args.threads} threads, medians of {args.rounds} interleaved rounds. torch {torch.__version__}, "
         f"Python {platform.python_version()}, {platform.machine()}.\n\n"
     )
-    atomic_write_bytes(Path(args.out), (header + text + "\n").encode())
-    print(f"written to {args.out}", file=sys.stderr)
+    write_results(args.out, header, text)
 
 
 if __name__ == "__main__":
