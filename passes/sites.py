@@ -300,6 +300,22 @@ def _feeds_output_directly(node: fx.Node) -> bool:
     return False
 
 
+def _declared_output_heads(model: nn.Module) -> set[str]:
+    """The output head a transformers model names itself (``get_output_embeddings``), PEFT's rule for
+    'all-linear'. Needed where the head's logits pass through an add before the output (BART's
+    final_logits_bias), which the graph walk above does not see through."""
+    getter = getattr(model, "get_output_embeddings", None)
+    if not callable(getter):
+        return set()
+    try:
+        head = getter()
+    except (AttributeError, NotImplementedError, TypeError):
+        return set()
+    if not isinstance(head, nn.Module):
+        return set()
+    return {name for name, module in model.named_modules(remove_duplicate=False) if module is head}
+
+
 _LAYER_CONTAINERS = ("layers", "layer", "h", "block", "blocks", "encoder_layers", "stages", "resblocks")
 
 
@@ -329,6 +345,7 @@ def _op_name(node: fx.Node, raw: _Raw) -> str:
 def match_ops(gm: fx.GraphModule, model: nn.Module) -> list[OpMatch]:
     """Every use of an adaptable weight in ``gm``'s graph, in graph order."""
     params = dict(gm.named_parameters(remove_duplicate=False))
+    heads = _declared_output_heads(model)
     matches: list[OpMatch] = []
     sites: dict[tuple[str, str], Site] = {}
     for node in gm.graph.nodes:
@@ -361,7 +378,7 @@ def match_ops(gm: fx.GraphModule, model: nn.Module) -> list[OpMatch]:
                 fan_in_fan_out=raw.fan_in_fan_out, conv=raw.conv, uses=0, layer=layer_index(name),
             )
         site.uses += 1
-        site.is_head = site.is_head or _feeds_output_directly(node)
+        site.is_head = site.is_head or name in heads or _feeds_output_directly(node)
         matches.append(OpMatch(node, site, raw.x, raw.weight_node, raw.bias, raw.extra))
     return matches
 

@@ -98,6 +98,16 @@ def _randomize(am: adaptc.AdaptedModel, seed: int) -> None:
             p.add_(torch.randn(p.shape, generator=g) * 0.05)
 
 
+def not_applicable(arch: Arch, method: str, error: str) -> bool:
+    """True for the refusals the matrix expects: a prompt method on a model without attention, and prompt
+    tuning / P-tuning on a model whose token sequence is an image grid (declared in the zoo)."""
+    if method == "lora":
+        return False
+    if not arch.attention:
+        return "no attention" in error
+    return arch.token_grid and method in ("prompt", "ptuning")
+
+
 def run_cell(arch: Arch, method: str, workdir: Path) -> CellResult:
     result = CellResult(arch.id, method)
     stage = "capture"
@@ -111,7 +121,7 @@ def run_cell(arch: Arch, method: str, workdir: Path) -> CellResult:
     except adaptc.TargetError as exc:
         stage = result.stage or "inject"
         result.stage, result.message = stage, str(exc)
-        if method != "lora" and not arch.attention and stage == "inject" and "no attention" in str(exc):
+        if stage == "inject" and not_applicable(arch, method, str(exc)):
             result.outcome = "n/a"
     except Exception as exc:  # noqa: BLE001 - the cell records what went wrong, the test asserts on it
         where = traceback.extract_tb(exc.__traceback__)[-1]

@@ -34,6 +34,9 @@ class Arch:
     other: tuple[int, int]  # a new batch size and, where the model allows, a new length
     attention: bool = True
     peft_task: str | None = None
+    # The model reshapes its token sequence into an image grid (windows, spatial-reduction attention): extra
+    # tokens cannot fit, so prompt tuning and P-tuning do not apply and must be refused with the clear error.
+    token_grid: bool = False
 
 
 def ids(b: int, t: int) -> dict:
@@ -131,7 +134,7 @@ TRANSFORMERS = [
     Arch("hf-swin", "transformers", "hierarchical vision transformer", _hf(
         tf.SwinForImageClassification, tf.SwinConfig, image_size=32, patch_size=4, embed_dim=16, depths=[1, 1],
         num_heads=[2, 2], window_size=4, num_labels=5),
-        pixels, (2, 32), (3, 32)),
+        pixels, (2, 32), (3, 32), token_grid=True),
     Arch("hf-convnext", "transformers", "convolutional", _hf(
         tf.ConvNextForImageClassification, tf.ConvNextConfig, num_stages=2, hidden_sizes=[8, 16], depths=[1, 1], num_labels=5,
         layer_scale_init_value=0.5),  # see LAYER_SCALE
@@ -140,7 +143,7 @@ TRANSFORMERS = [
         tf.SegformerForImageClassification, tf.SegformerConfig, num_encoder_blocks=2, depths=[1, 1],
         sr_ratios=[2, 1], hidden_sizes=[16, 32], patch_sizes=[7, 3], strides=[4, 2], num_attention_heads=[1, 2],
         mlp_ratios=[2, 2], num_labels=5),
-        pixels, (2, 32), (3, 32)),
+        pixels, (2, 32), (3, 32), token_grid=True),
     Arch("hf-wav2vec2", "transformers", "audio encoder", _hf(tf.Wav2Vec2ForCTC, tf.Wav2Vec2Config, **SMALL_W2V),
          values, (2, 1600), (3, 2400)),
     Arch("hf-hubert", "transformers", "audio encoder", _hf(tf.HubertForCTC, tf.HubertConfig, **SMALL_W2V),
@@ -157,14 +160,14 @@ TRANSFORMERS = [
 # --- timm ---------------------------------------------------------------------------------------
 
 def _timm(name: str, **kwargs: Any) -> Callable[[], nn.Module]:
-    return lambda: timm.create_model(name, pretrained=False, num_classes=10, **kwargs)
+    return lambda: timm.create_model(name, pretrained=False, **{"num_classes": 10, **kwargs})
 
 
 TIMM = [
     Arch("timm-vit", "timm", "vision transformer", _timm("vit_tiny_patch16_224", depth=2, img_size=32),
          image, (2, 32), (3, 32)),
     Arch("timm-deit", "timm", "vision transformer, distillation token",
-         _timm("deit_tiny_distilled_patch16_224", depth=2, img_size=32), image, (2, 32), (3, 32)),
+         _timm("deit_tiny_distilled_patch16_224", depth=2, img_size=32, num_classes=7), image, (2, 32), (3, 32)),
     Arch("timm-resnet18", "timm", "convolutional", _timm("resnet18"), image, (2, 32), (3, 48), attention=False),
     Arch("timm-convnext", "timm", "convolutional", _timm("convnext_atto", ls_init_value=0.5), image, (2, 32), (3, 64),
          attention=False),  # see LAYER_SCALE
@@ -174,9 +177,9 @@ TIMM = [
          attention=False),
     Arch("timm-swin", "timm", "hierarchical vision transformer, shifted windows", _timm(
         "swin_tiny_patch4_window7_224", img_size=32, window_size=4, embed_dim=16, depths=(1, 1), num_heads=(2, 2)),
-        image, (2, 32), (3, 32)),
+        image, (2, 32), (3, 32), token_grid=True),
     Arch("timm-pvt_v2", "timm", "hierarchical vision transformer, reduced-key attention", _timm(
-        "pvt_v2_b0", depths=(1, 1, 1, 1)), image, (2, 32), (3, 32)),
+        "pvt_v2_b0", depths=(1, 1, 1, 1)), image, (2, 32), (3, 32), token_grid=True),
     Arch("timm-mobilevit", "timm", "hybrid: convolutions + transformer blocks", _timm("mobilevit_xxs"),
          image, (2, 64), (3, 64)),
     Arch("timm-levit", "timm", "hybrid: convolutional stem + attention with learned biases", _timm(
