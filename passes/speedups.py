@@ -12,6 +12,11 @@ to the graphs adaptc captures:
   ``keep_mask``: about 3x cheaper to draw, a quarter of the memory kept). Same distribution
   (p resolved to 1/65536), different random numbers than eager PyTorch.
 
+* **RMSNorm**: Llama's (and T5's, Mistral's, Qwen's ...) ``weight * (x * rsqrt(mean(x**2) + eps))``,
+  written out as six ops each way, becomes one ``F.rms_norm`` (ATen's fused kernel; measured on
+  the CPU, forward + backward of a [8, 128, 256] activation: 4.5 ms against 6.2). Training graphs
+  only, and only in one dtype throughout (no cast between the normalisation and the weight).
+
 Under ``torch.compile`` / ``torch.export`` (ONNX) :func:`dropout` is plain ``F.dropout``.
 """
 
@@ -58,11 +63,12 @@ torch.fx.wrap("dropout")  # a leaf if a graph holding it is ever traced again wi
 def apply(gm: fx.GraphModule) -> None:
     """Both rewrites on ``gm.graph`` (in place).
 
-    GELU is fused in training graphs only: the fused kernel rounds differently (~1e-7), and an
-    evaluation graph with a zero adapter stays bit-identical to the base model.
+    GELU and RMSNorm are fused in training graphs only: the fused kernels round differently (~1e-7),
+    and an evaluation graph with a zero adapter stays bit-identical to the base model.
     """
     if getattr(gm, "_adaptc_active", True):  # the mode whose graph the hook is editing
         _fuse_tanh_gelu(gm.graph)
+        _fuse_rms_norm(gm)
     _fast_dropout(gm.graph)
 
 
@@ -157,6 +163,85 @@ def _fuse_tanh_gelu(graph: fx.Graph) -> int:
         gelu.meta = {k: v for k, v in out.meta.items() if k in ("nn_module_stack", "stack_trace", "val")}
         out.replace_all_uses_with(gelu)
         for old in chain:  # outputs first; a node another part of the model still reads stays
+            if not old.users:
+                graph.erase_node(old)
+        count += 1
+    return count
+
+
+# --- RMSNorm --------------------------------------------------------------------------------------
+
+_TO = {aten.to.dtype, aten._to_copy.default}
+_ASSERT_META = getattr(aten, "_assert_tensor_metadata", None)
+
+
+def _dtype(node) -> torch.dtype | None:
+    val = node.meta.get("val") if isinstance(node, fx.Node) else None
+    return val.dtype if isinstance(val, torch.Tensor) else None
+
+
+def _skip_noop_cast(node):
+    """``node``'s input when ``node`` is a cast that keeps the dtype, else ``node``."""
+    if _is(node, _TO) and isinstance(node.args[0], fx.Node) and _dtype(node) == _dtype(node.args[0]):
+        return node.args[0]
+    return node
+
+
+def _match_rms_norm(out: fx.Node, params: dict):
+    """From ``weight * normed``: (x, weight, eps, chain) for Llama-style RMSNorm, or None."""
+    if not _is(out, _MUL) or len(out.args) != 2 or out.kwargs:
+        return None
+    for weight, normed in (out.args, out.args[::-1]):
+        if not (isinstance(weight, fx.Node) and weight.op == "get_attr" and isinstance(normed, fx.Node)):
+            continue
+        w = params.get(weight.target)
+        cast = normed
+        normed = _skip_noop_cast(normed)
+        if not _is(normed, _MUL) or len(normed.args) != 2:
+            continue
+        for x, rsqrt in (normed.args, normed.args[::-1]):
+            if not _is(rsqrt, {aten.rsqrt.default}):
+                continue
+            add = rsqrt.args[0]
+            operands = _plus(add)
+            if operands is None:
+                continue
+            mean, eps = operands if isinstance(operands[0], fx.Node) else operands[::-1]
+            if not (_is(mean, {aten.mean.dim}) and isinstance(eps, float)):
+                continue
+            dims = mean.args[1] if len(mean.args) > 1 else None
+            keep = mean.args[2] if len(mean.args) > 2 else mean.kwargs.get("keepdim", False)
+            square = mean.args[0]
+            if dims not in ([-1], (-1,)) or keep is not True or not _is(square, _POW) or square.args[0] is not x \
+                    or not _close(square.args[1], 2.0):
+                continue
+            val = x.meta.get("val") if isinstance(x, fx.Node) else None
+            if not isinstance(val, torch.Tensor) or w is None or tuple(w.shape) != (val.shape[-1],):
+                continue
+            if not (val.dtype == w.dtype == _dtype(out) and val.is_floating_point()):
+                continue
+            return x, weight, eps, [out, cast, normed, rsqrt, add, mean, square]
+    return None
+
+
+def _fuse_rms_norm(gm: fx.GraphModule) -> int:
+    graph = gm.graph
+    params = dict(gm.named_parameters(remove_duplicate=False)) | dict(gm.named_buffers(remove_duplicate=False))
+    count = 0
+    for node in list(graph.nodes):
+        found = _match_rms_norm(node, params)
+        if found is None:
+            continue
+        x, weight, eps, chain = found
+        size = x.meta["val"].shape[-1]
+        with graph.inserting_after(node):
+            fused = graph.call_function(F.rms_norm, (x, [int(size)], weight, eps))
+        fused.meta = {k: v for k, v in node.meta.items() if k in ("nn_module_stack", "stack_trace", "val")}
+        node.replace_all_uses_with(fused)
+        for old in dict.fromkeys(chain):  # outputs first; a node the model still reads elsewhere stays
+            for user in list(old.users):
+                if _ASSERT_META is not None and _is(user, {_ASSERT_META.default}):
+                    graph.erase_node(user)
             if not old.users:
                 graph.erase_node(old)
         count += 1

@@ -27,8 +27,6 @@ def _targets(am) -> list[str]:
 
 def test_gpt2_gelu_becomes_one_op_and_training_matches_peft(tmp_path):
     """Reference: PEFT on the eager model (which runs gelu_new written out), same adapter weights."""
-    import peft
-
     model = _gpt2()
     ids = torch.randint(0, 64, (2, 7), generator=torch.Generator().manual_seed(1))
     batch = {"input_ids": ids, "labels": ids}
@@ -43,6 +41,14 @@ def test_gpt2_gelu_becomes_one_op_and_training_matches_peft(tmp_path):
     assert "aten.tanh.default" in _targets(am)  # evaluation graphs keep the model's own ops (bit-identical)
     am.train()
     assert "aten.gelu.default" in targets and "aten.tanh.default" not in targets and "aten.pow.Tensor_Scalar" not in targets
+
+    _assert_training_matches_peft(model, am, batch, out, tmp_path, sites=2 * 4)
+
+
+def _assert_training_matches_peft(model, am, batch, out, tmp_path, sites: int) -> None:
+    """Logits and every LoRA gradient of ``am`` (already run on ``batch``: ``out``) against PEFT on the
+    eager model with the same adapter weights."""
+    import peft
 
     am.save_adapter(tmp_path)
     with warnings.catch_warnings():
@@ -60,7 +66,35 @@ def test_gpt2_gelu_becomes_one_op_and_training_matches_peft(tmp_path):
             layer = next(v for k, v in am.adapters["default"].items() if _same_site(k, site))
             torch.testing.assert_close(getattr(layer, pname).grad, p.grad, atol=1e-5, rtol=1e-4)
             checked += 1
-    assert checked == 2 * 4 * 2
+    assert checked == 2 * sites
+
+
+def test_llama_rms_norm_becomes_one_op_and_training_matches_peft(tmp_path):
+    """Reference: PEFT on the eager model (which runs LlamaRMSNorm written out), same adapter weights."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2))
+    with torch.no_grad():  # norm weights away from 1, so a dropped weight would show
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.uniform_(0.5, 1.5)
+    ids = torch.randint(0, 64, (2, 7), generator=torch.Generator().manual_seed(1))
+    batch = {"input_ids": ids, "labels": ids}
+    am = adaptc.inject(copy.deepcopy(model), "lora", example_inputs=batch, r=4, alpha=8, init="gaussian").train()
+    with torch.no_grad():
+        for name, p in am.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.1)
+    out = am(**batch)
+    targets = _targets(am)
+    assert targets.count(str(torch.nn.functional.rms_norm)) == 2 * 2 + 1, targets
+    assert "aten.rsqrt.default" not in targets
+    am.eval()
+    assert "aten.rsqrt.default" in _targets(am)  # evaluation graphs keep the model's own ops
+    am.train()
+    _assert_training_matches_peft(model, am, batch, out, tmp_path, sites=2 * 7)
 
 
 def _same_site(key: str, site: str) -> bool:
