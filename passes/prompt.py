@@ -94,7 +94,8 @@ class PromptAdapter(nn.Module):
             return
         if self.entry.kind != "token-embedding":
             raise ConfigError(f"init={config.init!r} needs a text model (a token-embedding table); use init='random'")
-        table = model.get_submodule(self.entry.module).weight.detach()
+        table = (model.get_parameter(self.entry.table) if self.entry.table
+                 else model.get_submodule(self.entry.module).weight).detach()
         if config.init == "vocab":
             rows = torch.randint(0, table.shape[0], (self.num_virtual_tokens,), generator=generator)
         else:
@@ -126,7 +127,11 @@ class SequenceEdit:
         entry = self.adapter.entry
         state: dict[str, Any] = {}
         target = model.get_submodule(entry.module) if entry.module else model
-        if entry.kind == "token-embedding":
+        lookup = contextlib.nullcontext()
+        if entry.kind == "token-embedding" and entry.table:  # F.embedding in the model's own forward
+            handles = [model.register_forward_pre_hook(self._extend_inputs(model, state), with_kwargs=True)]
+            lookup = _functional_lookup(model, entry.table, self._replace_rows(state))
+        elif entry.kind == "token-embedding":
             handles = [
                 model.register_forward_pre_hook(self._extend_inputs(model, state), with_kwargs=True),
                 target.register_forward_hook(self._replace_rows(state)),
@@ -138,7 +143,7 @@ class SequenceEdit:
             ]
         handles.append(model.register_forward_hook(self._strip(state), with_kwargs=True))
         try:
-            with _masks_grown(entry.insert_at, self.adapter.num_virtual_tokens) if entry.kind == "sequence" \
+            with lookup, _masks_grown(entry.insert_at, self.adapter.num_virtual_tokens) if entry.kind == "sequence" \
                     else contextlib.nullcontext():
                 yield
         finally:
@@ -234,6 +239,34 @@ class SequenceEdit:
             return _map_output(strip, out)
 
         return hook
+
+
+@contextlib.contextmanager
+def _functional_lookup(model: nn.Module, table: str, replace_rows) -> Iterator[None]:
+    """``F.embedding`` patched for one call of a model that looks its tokens up in its own forward:
+    a lookup in ``table`` gets the prompt rows, as a submodule's forward hook would.
+
+    The table is fetched at call time, not before: torch.export swaps a module's parameters for
+    its own tensors while it traces.
+    """
+    original = F.embedding
+    *path, leaf = table.split(".")
+
+    def current_table() -> Any:
+        owner = model
+        for atom in path:
+            owner = getattr(owner, atom)
+        return getattr(owner, leaf)
+
+    def embedding(input, weight, *args, **kwargs):
+        out = original(input, weight, *args, **kwargs)
+        return replace_rows(None, None, out) if weight is current_table() else out
+
+    F.embedding = embedding
+    try:
+        yield
+    finally:
+        F.embedding = original
 
 
 @contextlib.contextmanager

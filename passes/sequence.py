@@ -72,10 +72,12 @@ class SequenceEntry:
     insert_at: int = 0  # index in the sequence (after class/distillation tokens in a ViT)
     ids_input: str | None = None  # the input holding token ids (text)
     vocab: int = 0
+    table: str | None = None  # the looked-up parameter, when the model's own forward calls F.embedding on it
 
     def describe(self) -> str:
         if self.kind == "token-embedding":
-            return f"token embedding {self.module} (ids from {self.ids_input!r}, vocab {self.vocab}, hidden {self.hidden})"
+            where = f"F.embedding on {self.table!r}" if self.table else self.module
+            return f"token embedding {where} (ids from {self.ids_input!r}, vocab {self.vocab}, hidden {self.hidden})"
         return f"sequence at the output of {self.module or 'the model input'} (hidden {self.hidden}, inserted at {self.insert_at})"
 
 
@@ -309,15 +311,20 @@ def find_sequence_entry(gm: fx.GraphModule, model: nn.Module, inputs: Inputs, me
         node, ids, weight_target = max(lookups, key=lambda item: _static(_shape(item[0].args[0])[0]) or 0)
         # The module whose forward does the lookup (a tied weight may be named after the head).
         module = _module_path(node) or weight_target.rpartition(".")[0]
-        if not module:  # the model's own forward looks up a bare parameter: no submodule output to edit
-            raise TargetError(
-                f"{type(model).__name__} looks up its token embeddings ({weight_target!r}) in its own forward, not "
-                f"in a submodule, so adaptc has no module output to put {method!r}'s virtual tokens into; move "
-                "the lookup into an nn.Embedding submodule, or use method='prefix' or 'lora'"
-            )
         vocab, hidden = (int(s) for s in _shape(node.args[0] if node.target is torch.ops.aten.embedding.default
                                                 else node.args[1]))
-        return SequenceEntry("token-embedding", module, hidden, 0, _placeholder_input_name(ids, model, inputs), vocab)
+        ids_input = _placeholder_input_name(ids, model, inputs)
+        if not module:  # the model's own forward calls F.embedding on a bare parameter: the edit patches F.embedding
+            try:
+                model.get_parameter(weight_target)
+            except AttributeError:
+                raise TargetError(
+                    f"{type(model).__name__} looks up its token embeddings ({weight_target!r}) in its own forward, "
+                    f"and that is not one of its parameters, so adaptc cannot find the lookup to put {method!r}'s "
+                    "virtual tokens into; move the lookup into an nn.Embedding submodule, or use method='prefix' or 'lora'"
+                ) from None
+            return SequenceEntry("token-embedding", "", hidden, 0, ids_input, vocab, table=weight_target)
+        return SequenceEntry("token-embedding", module, hidden, 0, ids_input, vocab)
     x = _query_projection_input(attention)
     shape = _shape(x)
     if x is None or shape is None or len(shape) != 3:

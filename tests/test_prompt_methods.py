@@ -352,6 +352,46 @@ def test_bad_prompt_options(options, match):
         adaptc.inject(gpt2(), method, example_inputs={"input_ids": token_ids(1, 4)}, **options)
 
 
+class _LooksUpItsOwnTokens(nn.Module):
+    """F.embedding on a bare parameter in its own forward (no nn.Embedding to hook), matmul attention."""
+
+    def __init__(self, dim: int = 16) -> None:
+        super().__init__()
+        self.table = nn.Parameter(torch.randn(VOCAB, dim))
+        self.qkv = nn.Parameter(torch.randn(3 * dim, dim) * dim ** -0.5)
+        self.head = nn.Parameter(torch.randn(VOCAB, dim) * dim ** -0.5)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        x = F.embedding(input_ids, self.table)
+        b, t, d = x.shape
+        q, k, v = F.linear(x, self.qkv).view(b, t, 3, 2, d // 2).permute(2, 0, 3, 1, 4)
+        y = torch.softmax(q @ k.transpose(-2, -1) / (d // 2) ** 0.5, dim=-1) @ v
+        return F.linear(x + y.transpose(1, 2).reshape(b, t, d), self.head)
+
+
+@pytest.mark.parametrize("method", ["prompt", "ptuning"])
+def test_functional_token_lookup_gets_the_prompt(method):
+    """Reference: the unadapted model with the prompt appended to its table as extra rows, fed those rows'
+    ids before the real ones; its outputs at the real positions."""
+    torch.manual_seed(0)
+    model = _LooksUpItsOwnTokens().eval()
+    ids = token_ids(2, 6)
+    am = adaptc.inject(model, method, example_inputs=(ids,), num_virtual_tokens=V).eval()
+    assert am.adapter_sites("default")[0].table == "table"
+    with torch.no_grad():
+        prompt = am.adapters["default"]["prompt"].prompt()
+        got = am(ids)
+        table = model.table.data.clone()
+        model.table.data = torch.cat([table, prompt])
+        extra = torch.arange(VOCAB, VOCAB + V).expand(2, V)
+        expected = model(torch.cat([extra, ids], dim=1))[:, V:]
+        model.table.data = table
+        base = model(ids)
+    assert got.shape == base.shape
+    assert (got - base).abs().max() > 1e-3  # the prompt changes the outputs
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
 def test_unfused_attention_gets_the_same_prefix():
     """transformers' eager attention (matmul, scale, mask, softmax, dropout, matmul) is matched too:
     with the same prefix it computes what the SDPA model computes."""
