@@ -41,19 +41,41 @@ _ADAPTC_DIRS = tuple(os.path.join(_PROJECT_DIR, d) + os.sep for d in ("adaptc", 
 
 # --- one capture attempt ------------------------------------------------------------------
 
-def _auto_dims(value: Any) -> Any:
-    if isinstance(value, torch.Tensor):
-        return {axis: torch.export.Dim.AUTO for axis in range(value.dim())} or None
-    return None
+def fixed_image_size(model: nn.Module) -> bool:
+    """Whether the spatial axes of image inputs are captured (and exported) at the example's size.
+
+    Vision models with attention fix their token grid (position embeddings, windows, a spatial
+    reduction): other image sizes are not meant to run, and a symbolic height and width make
+    torch.export reason about every window and padding expression (measured: a 2-stage Swin took
+    171 s to capture and longer to export, against seconds with a static size). Convolutional
+    models keep dynamic height and width.
+    """
+    return any("attention" in type(m).__name__.lower() for m in model.modules())
+
+
+def auto_dims(value: Any, fixed_image: bool = False) -> dict[int, Any] | None:
+    """``Dim.AUTO`` for every axis of a tensor (export decides), but the spatial axes of a
+    [batch, channels, height, width] float input when ``fixed_image``."""
+    if not isinstance(value, torch.Tensor):
+        return None
+    axes = range(value.dim())
+    if fixed_image and value.dim() == 4 and value.is_floating_point():
+        axes = range(2)
+    return {axis: torch.export.Dim.AUTO for axis in axes} or None
 
 
 def _dynamic_shapes(model: nn.Module, inputs: Inputs) -> Any:
-    """Dim.AUTO on every axis of every tensor input, keyed like export wants it."""
+    """Dim.AUTO on every axis of every tensor input (see auto_dims), keyed like export wants it."""
+    fixed = fixed_image_size(model)
+
+    def dims(value: Any) -> Any:
+        return auto_dims(value, fixed)
+
     try:
         bound = inspect.signature(model.forward).bind(*inputs.args, **inputs.kwargs)
     except (TypeError, ValueError):
-        return pytree.tree_map(_auto_dims, (inputs.args, inputs.kwargs))
-    return {name: pytree.tree_map(_auto_dims, value) for name, value in bound.arguments.items()}
+        return pytree.tree_map(dims, (inputs.args, inputs.kwargs))
+    return {name: pytree.tree_map(dims, value) for name, value in bound.arguments.items()}
 
 
 _NOISY_LOGGERS = ("torch.fx.experimental.symbolic_shapes", "torch.export", "torch._export", "torch._dynamo")

@@ -36,7 +36,7 @@ import onnx_ir as ir
 import torch
 from torch import nn
 
-from adaptc.capture import describe_failure
+from adaptc.capture import auto_dims, describe_failure, fixed_image_size
 from adaptc.errors import ExportError, InputError
 from adaptc.inputs import Inputs, normalize_inputs
 
@@ -502,7 +502,8 @@ def _export(am, target: Path, workdir: Path, inputs: Inputs, merge: bool, optimi
         flat = FlatCall(graph, inputs, [s.graph_path for s in slots])
         example = flat.example_tensors()
         outs = output_names(graph(*inputs.args, **inputs.kwargs), set(names) | {s.input_name for s in slots})
-        shapes = [{axis: torch.export.Dim.AUTO for axis in range(t.dim())} for t in example]
+        fixed = fixed_image_size(am.base_model)  # as the capture did: see adaptc.capture.fixed_image_size
+        shapes = [auto_dims(t, fixed) or {} for t in example]
         shapes += [{s.rank_axis: torch.export.Dim.AUTO} if s.rank_axis is not None else None for s in slots]
         model = _torch_export(flat, example + [s.value for s in slots], shapes, names + [s.input_name for s in slots], outs, opset)
         if merge and not prompt_methods:  # PyTorch eager: the merged model being deployed, as the user would run it

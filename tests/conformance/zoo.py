@@ -181,7 +181,7 @@ TIMM = [
     Arch("timm-pvt_v2", "timm", "hierarchical vision transformer, reduced-key attention", _timm(
         "pvt_v2_b0", depths=(1, 1, 1, 1)), image, (2, 32), (3, 32), token_grid=True),
     Arch("timm-mobilevit", "timm", "hybrid: convolutions + transformer blocks", _timm("mobilevit_xxs"),
-         image, (2, 64), (3, 64)),
+         image, (2, 64), (3, 64), token_grid=True),
     Arch("timm-levit", "timm", "hybrid: convolutional stem + attention with learned biases", _timm(
         "levit_128s", img_size=64), image, (2, 64), (3, 64)),
     Arch("timm-mixer", "timm", "MLP-Mixer (no attention)", lambda: timm.models.mlp_mixer.MlpMixer(  # mixer_s16_224's class, small
