@@ -193,8 +193,9 @@ def _check_output_shapes(model: nn.Module, edit: Any, inputs: Any, config: Any) 
                 raise TargetError(
                     f"{type(model).__name__} fails with {config.num_virtual_tokens} virtual tokens added at "
                     f"{edit.adapter.entry.module!r} ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); a model "
-                    "that reshapes its token sequence into a fixed grid (hierarchical vision models) cannot take "
-                    "extra tokens. Use method='prefix' or 'lora'"
+                    "that fixes its sequence length (an image grid in hierarchical vision models, position "
+                    "embeddings of one length as in Whisper's encoder) cannot take extra tokens. Use "
+                    "method='prefix' or 'lora'"
                 ) from None
     finally:
         for module, mode in modes.items():

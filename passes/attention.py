@@ -59,10 +59,12 @@ def _softmax_dim(node: fx.Node) -> int | None:
 def _match(first: fx.Node) -> dict[str, Any] | None:
     """The pattern starting at ``first`` (the q @ k^T matmul), or None."""
     q, kt = first.args[:2]
-    k = _untransposed_key(kt)
-    if k is None or _rank(q) != 4:
+    if _rank(q) != 4 or _rank(kt) != 4:
         return None
-    found: dict[str, Any] = {"q": q, "k": k, "scale": 1.0, "q_divisor": None, "mask": None, "dropout": 0.0,
+    # k^T spelled as a transpose gives k back; any other spelling (LeViT permutes k straight to
+    # [B, H, D, T]) is transposed back at the rewrite.
+    k = _untransposed_key(kt)
+    found: dict[str, Any] = {"q": q, "k": k, "kt": kt, "scale": 1.0, "q_divisor": None, "mask": None, "dropout": 0.0,
                              "removed": [first]}
     node = _only_user(first)
     if node is not None and node.op == "call_function" and node.target in (aten.mul.Tensor, aten.div.Tensor) \
@@ -118,6 +120,11 @@ def canonicalize(gm: fx.GraphModule) -> int:
         out = found["out"]
         with graph.inserting_before(out):
             q = found["q"]
+            if found["k"] is None:
+                found["k"] = graph.call_function(aten.transpose.int, (found["kt"], -2, -1))
+                kt_val = found["kt"].meta.get("val")
+                if isinstance(kt_val, torch.Tensor):
+                    found["k"].meta["val"] = kt_val.transpose(-2, -1)
             if found["q_divisor"] is not None:
                 q = graph.call_function(aten.div.Tensor, (q, found["q_divisor"]))
             sdpa = graph.call_function(

@@ -341,6 +341,13 @@ def find_sequence_entry(gm: fx.GraphModule, model: nn.Module, inputs: Inputs, me
     ):
         stream = stream.args[0]
     value = _stream_value(gm, stream, inputs)
+    batch = next((leaf.shape[0] for leaf in inputs.flat() if isinstance(leaf, torch.Tensor) and leaf.dim()), None)
+    if batch is not None and value.shape[0] != batch and value.shape[1] == batch:
+        raise TargetError(
+            f"the token sequence entering {type(model).__name__}'s first attention is laid out [sequence, batch, "
+            f"hidden] (nn.MultiheadAttention's default, as in torchaudio's Conformer); adaptc adds {method!r}'s "
+            "virtual tokens to [batch, sequence, hidden] sequences only. Use method='prefix' or 'lora'"
+        )
     module = _module_returning(model, inputs, value)
     if module is None and stream is not x:
         value = _stream_value(gm, x, inputs)

@@ -100,12 +100,12 @@ def _randomize(am: adaptc.AdaptedModel, seed: int) -> None:
 
 def not_applicable(arch: Arch, method: str, error: str) -> bool:
     """True for the refusals the matrix expects: a prompt method on a model without attention, and prompt
-    tuning / P-tuning on a model whose token sequence is an image grid (declared in the zoo)."""
+    tuning / P-tuning on a model that fixes its sequence length (declared in the zoo)."""
     if method == "lora":
         return False
     if not arch.attention:
         return "no attention" in error
-    return arch.token_grid and method in ("prompt", "ptuning")
+    return arch.fixed_sequence and method in ("prompt", "ptuning")
 
 
 def run_cell(arch: Arch, method: str, workdir: Path) -> CellResult:
@@ -166,7 +166,9 @@ def _run(arch: Arch, method: str, workdir: Path, result: CellResult) -> None:
     loss = F.mse_loss(main(call(am, batch)), target)
     optimizer.zero_grad()
     loss.backward()
-    grads = [p.grad is not None and bool(p.grad.abs().sum() > 0) for p in params]
+    # A gradient below 1e-12 is rounding noise where the true one is zero (LeViT's last downsampling
+    # attends over a single key at this size, so its queries cannot matter: measured 2e-23).
+    grads = [p.grad is not None and bool(p.grad.abs().max() > 1e-12) for p in params]
     optimizer.step()
     with torch.no_grad():
         after = F.mse_loss(main(call(am, batch)), target)

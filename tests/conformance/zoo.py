@@ -34,9 +34,10 @@ class Arch:
     other: tuple[int, int]  # a new batch size and, where the model allows, a new length
     attention: bool = True
     peft_task: str | None = None
-    # The model reshapes its token sequence into an image grid (windows, spatial-reduction attention): extra
+    # The model fixes its sequence length: it reshapes the tokens into an image grid (windows, spatial-reduction
+    # attention, LeViT's subsampling) or adds position embeddings of a fixed length (Whisper's 1500 frames). Extra
     # tokens cannot fit, so prompt tuning and P-tuning do not apply and must be refused with the clear error.
-    token_grid: bool = False
+    fixed_sequence: bool = False
 
 
 def ids(b: int, t: int) -> dict:
@@ -134,7 +135,7 @@ TRANSFORMERS = [
     Arch("hf-swin", "transformers", "hierarchical vision transformer", _hf(
         tf.SwinForImageClassification, tf.SwinConfig, image_size=32, patch_size=4, embed_dim=16, depths=[1, 1],
         num_heads=[2, 2], window_size=4, num_labels=5),
-        pixels, (2, 32), (3, 32), token_grid=True),
+        pixels, (2, 32), (3, 32), fixed_sequence=True),
     Arch("hf-convnext", "transformers", "convolutional", _hf(
         tf.ConvNextForImageClassification, tf.ConvNextConfig, num_stages=2, hidden_sizes=[8, 16], depths=[1, 1], num_labels=5,
         layer_scale_init_value=0.5),  # see LAYER_SCALE
@@ -143,7 +144,7 @@ TRANSFORMERS = [
         tf.SegformerForImageClassification, tf.SegformerConfig, num_encoder_blocks=2, depths=[1, 1],
         sr_ratios=[2, 1], hidden_sizes=[16, 32], patch_sizes=[7, 3], strides=[4, 2], num_attention_heads=[1, 2],
         mlp_ratios=[2, 2], num_labels=5),
-        pixels, (2, 32), (3, 32), token_grid=True),
+        pixels, (2, 32), (3, 32), fixed_sequence=True),
     Arch("hf-wav2vec2", "transformers", "audio encoder", _hf(tf.Wav2Vec2ForCTC, tf.Wav2Vec2Config, **SMALL_W2V),
          values, (2, 1600), (3, 2400)),
     Arch("hf-hubert", "transformers", "audio encoder", _hf(tf.HubertForCTC, tf.HubertConfig, **SMALL_W2V),
@@ -153,7 +154,8 @@ TRANSFORMERS = [
         encoder_attention_heads=4, encoder_ffn_dim=64, decoder_layers=1, decoder_attention_heads=4,
         decoder_ffn_dim=64, max_source_positions=16, max_target_positions=16, vocab_size=VOCAB, num_labels=3, pad_token_id=0,
         bos_token_id=1, eos_token_id=2, decoder_start_token_id=1),
-        lambda b, t: {"input_features": torch.randn(b, 8, t)}, (2, 32), (3, 32)),  # Whisper takes a fixed length
+        lambda b, t: {"input_features": torch.randn(b, 8, t)}, (2, 32), (3, 32),  # Whisper takes a fixed length
+        fixed_sequence=True),
 ]
 
 
@@ -161,6 +163,14 @@ TRANSFORMERS = [
 
 def _timm(name: str, **kwargs: Any) -> Callable[[], nn.Module]:
     return lambda: timm.create_model(name, pretrained=False, **{"num_classes": 10, **kwargs})
+
+
+def _random_head(model: nn.Module) -> nn.Module:
+    """timm's Mixer starts its head at zero (fine-tuning practice): every output would be the bias and no
+    adapter upstream could change it. Random, as after training."""
+    with torch.no_grad():
+        model.head.weight.normal_(0, model.head.in_features ** -0.5)
+    return model
 
 
 TIMM = [
@@ -177,15 +187,15 @@ TIMM = [
          attention=False),
     Arch("timm-swin", "timm", "hierarchical vision transformer, shifted windows", _timm(
         "swin_tiny_patch4_window7_224", img_size=32, window_size=4, embed_dim=16, depths=(1, 1), num_heads=(2, 2)),
-        image, (2, 32), (3, 32), token_grid=True),
+        image, (2, 32), (3, 32), fixed_sequence=True),
     Arch("timm-pvt_v2", "timm", "hierarchical vision transformer, reduced-key attention", _timm(
-        "pvt_v2_b0", depths=(1, 1, 1, 1)), image, (2, 32), (3, 32), token_grid=True),
+        "pvt_v2_b0", depths=(1, 1, 1, 1)), image, (2, 32), (3, 32), fixed_sequence=True),
     Arch("timm-mobilevit", "timm", "hybrid: convolutions + transformer blocks", _timm("mobilevit_xxs"),
-         image, (2, 64), (3, 64), token_grid=True),
+         image, (2, 64), (3, 64), fixed_sequence=True),
     Arch("timm-levit", "timm", "hybrid: convolutional stem + attention with learned biases", _timm(
-        "levit_128s", img_size=64), image, (2, 64), (3, 64)),
-    Arch("timm-mixer", "timm", "MLP-Mixer (no attention)", lambda: timm.models.mlp_mixer.MlpMixer(  # mixer_s16_224's class, small
-        num_classes=10, img_size=32, patch_size=8, num_blocks=2, embed_dim=32), image, (2, 32), (3, 32),
+        "levit_128s", img_size=64), image, (2, 64), (3, 64), fixed_sequence=True),
+    Arch("timm-mixer", "timm", "MLP-Mixer (no attention)", lambda: _random_head(timm.models.mlp_mixer.MlpMixer(
+        num_classes=10, img_size=32, patch_size=8, num_blocks=2, embed_dim=32)), image, (2, 32), (3, 32),  # mixer_s16_224's class, small
         attention=False),
 ]
 
