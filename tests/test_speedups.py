@@ -21,13 +21,8 @@ def _gpt2(dropout: float = 0.0):
     return GPT2LMHeadModel(config)
 
 
-def _targets(am) -> list[str]:
-    return [str(n.target) for n in am.graph_module.graph.nodes if n.op == "call_function"]
-
-
-def test_gpt2_gelu_becomes_one_op_and_training_matches_peft(tmp_path):
-    """Reference: PEFT on the eager model (which runs gelu_new written out), same adapter weights."""
-    model = _gpt2()
+def _adapted_training_step(model):
+    """LoRA on a copy of ``model`` with random B (a non-zero update), in training mode, run on a fixed batch."""
     ids = torch.randint(0, 64, (2, 7), generator=torch.Generator().manual_seed(1))
     batch = {"input_ids": ids, "labels": ids}
     am = adaptc.inject(copy.deepcopy(model), "lora", example_inputs=batch, r=4, alpha=8, init="gaussian").train()
@@ -35,7 +30,17 @@ def test_gpt2_gelu_becomes_one_op_and_training_matches_peft(tmp_path):
         for name, p in am.named_parameters():
             if "lora_B" in name:
                 p.normal_(0, 0.1)
-    out = am(**batch)
+    return am, batch, am(**batch)
+
+
+def _targets(am) -> list[str]:
+    return [str(n.target) for n in am.graph_module.graph.nodes if n.op == "call_function"]
+
+
+def test_gpt2_gelu_becomes_one_op_and_training_matches_peft(tmp_path):
+    """Reference: PEFT on the eager model (which runs gelu_new written out), same adapter weights."""
+    model = _gpt2()
+    am, batch, out = _adapted_training_step(model)
     targets = _targets(am)
     am.eval()
     assert "aten.tanh.default" in _targets(am)  # evaluation graphs keep the model's own ops (bit-identical)
@@ -80,14 +85,7 @@ def test_llama_rms_norm_becomes_one_op_and_training_matches_peft(tmp_path):
         for name, p in model.named_parameters():
             if "norm" in name:
                 p.uniform_(0.5, 1.5)
-    ids = torch.randint(0, 64, (2, 7), generator=torch.Generator().manual_seed(1))
-    batch = {"input_ids": ids, "labels": ids}
-    am = adaptc.inject(copy.deepcopy(model), "lora", example_inputs=batch, r=4, alpha=8, init="gaussian").train()
-    with torch.no_grad():
-        for name, p in am.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.1)
-    out = am(**batch)
+    am, batch, out = _adapted_training_step(model)
     targets = _targets(am)
     assert targets.count(str(torch.nn.functional.rms_norm)) == 2 * 2 + 1, targets
     assert "aten.rsqrt.default" not in targets
