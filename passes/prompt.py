@@ -249,18 +249,13 @@ def _functional_lookup(model: nn.Module, table: str, replace_rows) -> Iterator[N
     The table is fetched at call time, not before: torch.export swaps a module's parameters for
     its own tensors while it traces.
     """
-    original = F.embedding
-    *path, leaf = table.split(".")
+    from adaptc.capture import _resolve
 
-    def current_table() -> Any:
-        owner = model
-        for atom in path:
-            owner = getattr(owner, atom)
-        return getattr(owner, leaf)
+    original = F.embedding
 
     def embedding(input, weight, *args, **kwargs):
         out = original(input, weight, *args, **kwargs)
-        return replace_rows(None, None, out) if weight is current_table() else out
+        return replace_rows(None, None, out) if weight is _resolve(model, table) else out
 
     F.embedding = embedding
     try:
