@@ -42,6 +42,7 @@ from adaptc.inputs import Inputs, normalize_inputs
 
 from . import ort as rt
 from .flat import FlatCall, flat_outputs, input_names, output_names
+from .unpack_attention import unpack_attention
 
 EXTERNAL_DATA_BYTES = 1 << 30  # weights above 1 GiB go to a .data file (protobuf's limit is 2 GiB)
 MIN_OPSET = 18  # the dynamo exporter's lowest
@@ -598,7 +599,17 @@ def _optimize(stage: Path, final: Path, external: bool) -> dict[str, int]:
 
 def _quantize(source: Path, target: Path, feeds: dict, fp32: list[np.ndarray], reference: list[torch.Tensor],
               outs: list[str], external: bool) -> dict[str, Any]:
-    rt.quantize_int8(source, target, external)
+    stage = target.parent / "int8-stage"  # a folder: the export moves only the files beside the model
+    stage.mkdir()
+    try:
+        model = ir.load(source)
+        if unpack_attention(model):  # packed Q/K/V stay fp32 under ORT's quantizer: see targets/unpack_attention.py
+            rt.save(model, stage / source.name, external)
+            source = stage / source.name
+        del model
+        rt.quantize_int8(source, target, external)
+    finally:
+        shutil.rmtree(stage)
     got = rt.run(rt.open_session(target), feeds)
     change = _max_diff(got, [torch.from_numpy(v) for v in fp32], outs)
     scale = max(float(np.abs(v).max()) for v in fp32 if v.size) or 1.0
