@@ -42,6 +42,7 @@ from adaptc.inputs import Inputs, normalize_inputs
 
 from . import ort as rt
 from .flat import FlatCall, flat_outputs, input_names, output_names
+from .split_skip_norm import split_skip_norms
 from .unpack_attention import unpack_attention
 
 EXTERNAL_DATA_BYTES = 1 << 30  # weights above 1 GiB go to a .data file (protobuf's limit is 2 GiB)
@@ -580,21 +581,25 @@ def _export(am, target: Path, workdir: Path, inputs: Inputs, merge: bool, optimi
 
 def _optimize(stage: Path, final: Path, external: bool) -> dict[str, int]:
     """onnxscript's ORT fusions, then ORT's own optimizations; the fusions are dropped if ORT rejects them.
+    Last, fused skip-norms are split again where that is faster on ORT's CPU provider (targets/split_skip_norm.py).
 
     (Measured: on the unmerged LoRA graph a fusion rule can emit a Gemm on a rank-3 input.)
     """
-    exported = stage / "exported.onnx"
+    exported, optimized = stage / "exported.onnx", stage / final.name
     try:
         fused, counts = rt.fuse(ir.load(exported))
         rt.save(fused, stage / "fused.onnx", external)
         del fused
-        rt.optimize_saved(stage / "fused.onnx", final, external)
-        return counts
+        rt.optimize_saved(stage / "fused.onnx", optimized, external)
     except (ExportError, Exception):  # noqa: BLE001 - fall back to ORT's optimizer alone
-        for leftover in final.parent.glob(final.name + "*"):
+        for leftover in stage.glob(optimized.name + "*"):
             leftover.unlink()
-        rt.optimize_saved(exported, final, external)
-        return {"onnxscript fusions skipped (ORT rejected the fused graph)": 1}
+        rt.optimize_saved(exported, optimized, external)
+        counts = {"onnxscript fusions skipped (ORT rejected the fused graph)": 1}
+    model = ir.load(optimized)
+    split = split_skip_norms(model)
+    rt.save(model, final, external)
+    return {**counts, "skip-norms split back (adaptc)": split} if split else counts
 
 
 def _quantize(source: Path, target: Path, feeds: dict, fp32: list[np.ndarray], reference: list[torch.Tensor],
