@@ -587,7 +587,7 @@ def _optimize(stage: Path, final: Path, external: bool) -> dict[str, int]:
     """
     exported, optimized = stage / "exported.onnx", stage / final.name
     try:
-        fused, counts = rt.fuse(ir.load(exported))
+        fused, counts = rt.fuse(exported)
         rt.save(fused, stage / "fused.onnx", external)
         del fused
         rt.optimize_saved(stage / "fused.onnx", optimized, external)

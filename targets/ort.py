@@ -28,20 +28,39 @@ CONTRIB_DOMAIN = "com.microsoft"
 EXTERNAL_MIN_BYTES = 1024  # initializers from this size go to the .data file when data is external
 
 
-def fuse(model: ir.Model) -> tuple[ir.Model, dict[str, int]]:
-    """onnxscript's ORT fusions (attention, layer norm, GELU, rotary ...); counts of those applied."""
+def fuse(path: Path) -> tuple[ir.Model, dict[str, int]]:
+    """onnxscript's ORT fusions (attention, layer norm, GELU, rotary ...) of the model at ``path``; counts of
+    those applied.
+
+    With the rotary embedding fused, onnxscript also fuses grouped-query attention into ORT's
+    ``GroupQueryAttention``, which rotates inside the kernel at positions it derives from per-row
+    sequence lengths, not from transformers' position ids (and failed on a batch the export had not
+    seen). A model where that happens is fused again with its rotary embedding left unfused
+    (``MultiHeadAttention``, positions exactly as transformers computes them), as before.
+    """
+    model, counts = _fuse(ir.load(path), rope=True)
+    if counts.get("gqa"):
+        model, counts = _fuse(ir.load(path), rope=False)
+    return model, counts
+
+
+def _fuse(model: ir.Model, rope: bool) -> tuple[ir.Model, dict[str, int]]:
     import logging
 
     from onnxscript.rewriter.ort_fusions import optimize_for_ort
 
     from .flat_gemm import unflatten_gemms
+    from .rope_angles import expand_rotary_positions, rope_angles_as_matmul
 
     quiet = logging.getLogger("onnx_ir")
     level = quiet.level
     quiet.setLevel(logging.ERROR)  # it warns for every LoRA input it must not deduplicate
     try:
         unflatten_gemms(model)  # GPT-2's Conv1D: without it the attention fusion breaks the graph
+        if rope:
+            rope_angles_as_matmul(model)  # RoPE angles in the spelling the rotary fusion matches
         model, counts = optimize_for_ort(model)
+        expand_rotary_positions(model)
     finally:
         quiet.setLevel(level)
     return model, {name: n for name, n in counts.items() if n}

@@ -1,0 +1,42 @@
+"""targets/rope_angles.py: Llama's rotary embedding fuses into ORT's RotaryEmbedding, and the fused
+model still computes what the model in PyTorch does at batch sizes and lengths the export never saw.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+import adaptc
+
+VOCAB = 64
+
+
+@pytest.mark.parametrize("kv_heads", [4, 2])
+def test_llama_rotary_fuses_and_matches_pytorch(tmp_path, kv_heads):
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=kv_heads, max_position_embeddings=64)).eval()
+    inputs = {"input_ids": torch.randint(0, VOCAB, (2, 8)), "use_cache": False}
+    am = adaptc.inject(model, "lora", example_inputs=inputs, r=4)
+    with torch.no_grad():
+        for p in am.adapter_parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    path = tmp_path / "llama.onnx"
+    report = adaptc.export_onnx(am, path)
+    if kv_heads == 4:
+        assert report.fused_ops.get("RotaryEmbedding") == 2 * 2, report.fused_ops  # q and k, per layer
+    else:  # grouped-query: fused without the rotary rewrite, so no GroupQueryAttention (targets/ort.py::fuse)
+        assert "GroupQueryAttention" not in report.fused_ops, report.fused_ops
+
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    for batch, length in ((1, 5), (3, 13)):
+        ids = torch.randint(0, VOCAB, (batch, length))
+        (got,) = session.run(None, {"input_ids": ids.numpy()})
+        with torch.no_grad():
+            expected = am(input_ids=ids, use_cache=False).logits.numpy()
+        assert np.abs(got - expected).max() <= 1e-4
