@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import onnx_ir as ir
 
+from .names import derived_name
+
 CONTRIB_DOMAIN = "com.microsoft"
 # fused op -> (index of its optional bias input, the plain normalization and its domain)
 _SPLITS = {
@@ -25,6 +27,7 @@ _SPLITS = {
     "SkipSimplifiedLayerNormalization": (3, "SimplifiedLayerNormalization", ""),
 }
 _SUM_OUTPUT = 3
+_FUSED_DEFAULT_EPSILON = 1e-12  # ORT's contrib skip-norm schemas
 
 
 def split_skip_norms(model: ir.Model) -> int:
@@ -49,20 +52,21 @@ def _splittable(node: ir.Node) -> bool:
 
 def _split(graph: ir.Graph, node: ir.Node) -> None:
     bias_index, norm_op, norm_domain = _SPLITS[node.op_type]
-    add = ir.Node("", "Add", [node.inputs[0], node.inputs[1]], name=f"{node.name}.residual")
+    add = ir.Node("", "Add", [node.inputs[0], node.inputs[1]], name=derived_name(node, ".residual"))
     graph.insert_before(node, add)
     total = add.outputs[0]
     bias = _input(node, bias_index)
     if bias is not None:
-        add_bias = ir.Node("", "Add", [total, bias], name=f"{node.name}.bias")
+        add_bias = ir.Node("", "Add", [total, bias], name=derived_name(node, ".bias"))
         graph.insert_before(node, add_bias)
         total = add_bias.outputs[0]
     weights = [node.inputs[2]]
     if node.op_type == "SkipLayerNormalization" and _input(node, 3) is not None:
         weights.append(node.inputs[3])  # beta
-    epsilon = node.attributes.get("epsilon")
-    attributes = [ir.AttrInt64("axis", -1)] + ([ir.AttrFloat32("epsilon", epsilon.as_float())] if epsilon else [])
-    norm = ir.Node(norm_domain, norm_op, [total, *weights], attributes, name=f"{node.name}.norm")
+    epsilon = node.attributes.get("epsilon")  # always written: the fused and plain ops default differently
+    epsilon = epsilon.as_float() if epsilon is not None else _FUSED_DEFAULT_EPSILON
+    attributes = [ir.AttrInt64("axis", -1), ir.AttrFloat32("epsilon", epsilon)]
+    norm = ir.Node(norm_domain, norm_op, [total, *weights], attributes, name=derived_name(node, ".norm"))
     graph.insert_before(node, norm)
     outputs = [(node.outputs[0], norm.outputs[0])]
     if len(node.outputs) > _SUM_OUTPUT:

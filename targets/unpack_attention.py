@@ -16,6 +16,8 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
+from .names import derived_name
+
 CONTRIB_DOMAIN = "com.microsoft"
 _KEPT_ATTRIBUTES = ("num_heads", "unidirectional", "scale", "mask_filter_value")
 _MASK_INDEX, _PAST, _ATTENTION_BIAS = 3, 4, 5
@@ -61,14 +63,14 @@ def _unpack(graph: ir.Graph, node: ir.Node) -> None:
     for part, (start, stop) in zip("qkv", zip(starts[:-1], starts[1:])):
         value = ir.Value(name=f"{weight_value.name}.{part}", const_value=ir.tensor(np.ascontiguousarray(weight[:, start:stop])))
         graph.register_initializer(value)
-        matmul = ir.Node("", "MatMul", [x, value], name=f"{node.name}.{part}_proj")
+        matmul = ir.Node("", "MatMul", [x, value], name=derived_name(node, f".{part}_proj"))
         graph.insert_before(node, matmul)
         projections.append(matmul.outputs[0])
     bias = node.inputs[2] if _present(node, 2) else None
     attention_bias = node.inputs[_ATTENTION_BIAS] if _present(node, _ATTENTION_BIAS) else None
     attributes = [attr for name, attr in node.attributes.items() if name in _KEPT_ATTRIBUTES]
     mha = ir.Node(CONTRIB_DOMAIN, "MultiHeadAttention", [*projections, bias, None, attention_bias], attributes,
-                  name=f"{node.name}.unpacked", num_outputs=1)
+                  name=derived_name(node, ".unpacked"), num_outputs=1)
     graph.insert_before(node, mha)
     name = node.outputs[0].name
     node.outputs[0].replace_all_uses_with(mha.outputs[0], replace_graph_outputs=True)
