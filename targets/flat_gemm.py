@@ -85,7 +85,78 @@ RULES = [
 ]
 
 
+# --- a flattened Gemm whose result is not reshaped straight back ------------------------------------
+# An unmerged LoRA export adds the adapter's Gemms to the base Gemm before the reshape back, so the
+# rules above do not see the pair. The attention fusion then rewires the flattening Reshape of the
+# attention output and leaves a Gemm on a rank-3 input, which ORT refuses: every fusion was dropped
+# for unmerged exports. These rules move each such Gemm onto the unflattened input and flatten its
+# result instead: Flatten(x' @ W (+ b)) is exactly Gemm(Reshape(x, [-1, K]), W (+ b)).
+
+def _gemm(op, flat, w):
+    return op.Gemm(flat, w, alpha=1.0, beta=1.0, transA=0, transB=0)
+
+
+def _gemm_t(op, flat, w):
+    return op.Gemm(flat, w, alpha=1.0, beta=1.0, transA=0, transB=1)
+
+
+def _gemm_bias(op, flat, w, b):
+    return op.Gemm(flat, w, b, alpha=1.0, beta=1.0, transA=0, transB=0)
+
+
+def _gemm_t_bias(op, flat, w, b):
+    return op.Gemm(flat, w, b, alpha=1.0, beta=1.0, transA=0, transB=1)
+
+
+def _kept_axes(flat: ir.Value) -> int | None:
+    """How many leading axes of the flattened input the Reshape merged, when it merged only those
+    (and possibly trailing axes into K); None when ``flat`` is not such a Reshape."""
+    reshape = flat.producer()
+    if reshape is None or reshape.op_type != "Reshape" or len(reshape.inputs) != 2:
+        return None
+    x, shape_in = reshape.inputs
+    target = ir.convenience.get_const_tensor(shape_in)
+    if target is None or x is None or x.shape is None or len(x.shape) < 3:
+        return None
+    dims = target.numpy().tolist()
+    if len(dims) != 2 or dims[0] != -1:
+        return None
+    product = 1
+    for axis in range(len(x.shape) - 1, 0, -1):  # trailing axes until their product is K
+        if not isinstance(x.shape[axis], int):
+            return None
+        product *= x.shape[axis]
+        if product == dims[1]:
+            return axis
+    return None
+
+
+def _flattened_input(context, flat: ir.Value, w: ir.Value, **_) -> bool:
+    del context
+    return _kept_axes(flat) is not None and w.shape is not None and len(w.shape) == 2
+
+
+def _unflattened_matmul(op, flat, w, b=None, transposed=False):
+    kept = _kept_axes(flat)
+    x = flat.producer().inputs[0]
+    if len(x.shape) > kept + 1:  # merge the trailing axes into K, keep the leading ones
+        x = op.Reshape(x, op.Constant(value_ints=[0] * kept + [-1]))
+    y = op.MatMul(x, op.Transpose(w, perm=[1, 0]) if transposed else w)
+    if b is not None:
+        y = op.Add(y, b)
+    return op.Flatten(y, axis=kept)
+
+
+FLAT_INPUT_RULES = [
+    RewriteRule(_gemm_bias, lambda op, flat, w, b: _unflattened_matmul(op, flat, w, b), _flattened_input),
+    RewriteRule(_gemm_t_bias, lambda op, flat, w, b: _unflattened_matmul(op, flat, w, b, True), _flattened_input),
+    RewriteRule(_gemm, lambda op, flat, w: _unflattened_matmul(op, flat, w), _flattened_input),
+    RewriteRule(_gemm_t, lambda op, flat, w: _unflattened_matmul(op, flat, w, transposed=True), _flattened_input),
+]
+
+
 def unflatten_gemms(model: ir.Model) -> ir.Model:
-    """Apply :data:`RULES` in place (and return the model)."""
+    """Apply :data:`RULES`, then :data:`FLAT_INPUT_RULES` to the Gemms left, in place (and return the model)."""
     rewrite(model, RULES)
+    rewrite(model, FLAT_INPUT_RULES)
     return model

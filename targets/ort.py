@@ -59,11 +59,24 @@ def _fuse(model: ir.Model, rope: bool) -> tuple[ir.Model, dict[str, int]]:
         unflatten_gemms(model)  # GPT-2's Conv1D: without it the attention fusion breaks the graph
         if rope:
             rope_angles_as_matmul(model)  # RoPE angles in the spelling the rotary fusion matches
+        inputs = list(model.graph.inputs)
         model, counts = optimize_for_ort(model)
+        _restore_inputs(model, inputs)
         expand_rotary_positions(model)
     finally:
         quiet.setLevel(level)
     return model, {name: n for name, n in counts.items() if n}
+
+
+def _restore_inputs(model: ir.Model, inputs: list[ir.Value]) -> None:
+    """Put back the graph inputs that have a default initializer: optimize_for_ort ends by dropping
+    such inputs, and an unmerged export's LoRA weights are exactly that (ORT adapters feed them)."""
+    graph = model.graph
+    if list(graph.inputs) == inputs:
+        return
+    kept = [v for v in inputs if v in graph.inputs or graph.initializers.get(v.name) is v]
+    graph.inputs.clear()
+    graph.inputs.extend(kept)
 
 
 def save(model: ir.Model, path: Path, external: bool) -> None:
