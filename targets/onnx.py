@@ -583,7 +583,8 @@ def _optimize(stage: Path, final: Path, external: bool) -> dict[str, int]:
     """onnxscript's ORT fusions, then ORT's own optimizations; the fusions are dropped if ORT rejects them.
     Last, fused skip-norms are split again where that is faster on ORT's CPU provider (targets/split_skip_norm.py).
 
-    (Measured: on the unmerged LoRA graph a fusion rule can emit a Gemm on a rank-3 input.)
+    (Measured: a fusion rule could leave a Gemm on a rank-3 input, which ORT refuses; targets/flat_gemm.py now
+    prevents the cases seen, the fallback stays for the ones not seen.)
     """
     exported, optimized = stage / "exported.onnx", stage / final.name
     try:
