@@ -101,7 +101,7 @@ class AdaptedModel(nn.Module):
         self._adapter_configs[name] = built.config
         if built.graph_pass is not None:
             for graph in self._all_graphs():
-                graph.transform_graphs(built.graph_pass, remember=False)
+                graph.transform_graphs(_with_bases_restored(built.graph_pass), remember=False)
         for p in self.base_model.parameters():
             p.requires_grad_(False)
         self.set_adapter(name)
@@ -143,7 +143,7 @@ class AdaptedModel(nn.Module):
                     gm.graph.erase_node(node)
 
         for graph in self._all_graphs():
-            graph.transform_graphs(remove, remember=False)
+            graph.transform_graphs(_with_bases_restored(remove), remember=False)
         self._forget_graphs(name)
         del self.adapters[name]
         for table in (self._passes, self._adapter_sites, self._adapter_configs, self._edits):
@@ -246,11 +246,12 @@ class AdaptedModel(nn.Module):
         return [graph for graphs in self._graphs.values() for graph in graphs]
 
     def _apply_adapter_passes(self, graph: CapturedGraphModule) -> None:
-        from adaptc.passes import speedups
+        from adaptc.passes import lora_fused, speedups
 
         for graph_pass in self._passes.values():
             graph_pass(graph)
         speedups.apply(graph)  # the frozen model's own ops: fused tanh-GELU, cheaper dropout masks
+        lora_fused.absorb_bases(graph)  # last: the passes above look for the frozen linear ops
 
     def _register_graph(self, graph: CapturedGraphModule, edits: tuple[str, ...] = ()) -> None:
         setattr(graph, ADAPTERS_ATTR, self.adapters)
@@ -361,3 +362,16 @@ class AdaptedModel(nn.Module):
 
     def extra_repr(self) -> str:
         return f"adapters={list(self.adapters)}, active={self._active}"
+
+
+def _with_bases_restored(graph_pass: Callable[[CapturedGraphModule], None]) -> Callable[[CapturedGraphModule], None]:
+    """``graph_pass`` run on a graph whose LoRA groups hand their frozen ops back first (passes
+    match those ops), and take them in again after (passes/lora_fused.py: absorb_bases)."""
+    from adaptc.passes import lora_fused
+
+    def run(graph: CapturedGraphModule) -> None:
+        lora_fused.restore_bases(graph)
+        graph_pass(graph)
+        lora_fused.absorb_bases(graph)
+
+    return run

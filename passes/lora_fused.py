@@ -8,8 +8,14 @@ replaces their LoRA nodes with one :class:`LoraSiblings` node that
 * draws one dropout mask (a bool tensor, a quarter of a float copy) for the group,
 * runs one ``x @ cat(A).T`` and, in the backward, one ``dh @ cat(A)`` and one ``dh.T @ x``,
 * applies the scale to the rank-r hidden instead of the full-width output,
-* adds ``h @ B.T`` to the base output inside the GEMM (``addmm``),
+* adds ``h @ B.T`` into the base output in place, inside the GEMM (``addmm_``),
 * keeps ``x`` and the mask for the backward instead of a dropped copy per site.
+
+:func:`absorb_bases` (run by AdaptedModel after every pass) goes one step further: a frozen
+``aten.linear`` / Conv1D ``aten.addmm`` read only by its group becomes a no-op node and the group
+runs the GEMM itself (:class:`_AbsorbedSiblings`), so the backward sums ``dx`` of all siblings
+and of the low-rank branch into one buffer, and the frozen ops leave the autograd graph.
+Passes that look for the frozen ops run between :func:`restore_bases` and absorb_bases.
 
 A single linear site gets the same treatment (a group of one). The math is LoRA's; the
 one visible difference is the dropout pattern: siblings share one mask (each site still
@@ -23,11 +29,14 @@ import heapq
 import operator
 
 import torch
+import torch.nn.functional as F
 from torch import fx, nn
 
 from .lora import LoraLayer
 
 SIBLINGS_ATTR = "_adaptc_lora_siblings"
+ABSORBED = "adaptc_absorbed_op"  # node.meta key: the target of a base op a group computes itself
+aten = torch.ops.aten
 
 
 def keep_mask(shape: torch.Size, p: float, device: torch.device) -> torch.Tensor:
@@ -50,16 +59,24 @@ class _SiblingLora(torch.autograd.Function):
     """``out_i = base_i + s_i * (mask * x) A_i^T B_i^T`` for every sibling, with a hand-written backward."""
 
     @staticmethod
-    def forward(ctx, x2d, keep, a_cat, ranks, scales, count, *tensors):
+    def forward(ctx, x2d, keep, a_cat, ranks, scales, count, in_place, *tensors):
         bs, bases = tensors[:count], tensors[count:]
         dropped = x2d if keep is None else torch.where(keep, x2d, 0)
         hidden = dropped @ a_cat.t()
         hs = [h * s for h, s in zip(torch.split(hidden, ranks, dim=1), scales)]
         outs = []
-        for h, b, base in zip(hs, bs, bases):
-            flat = base.reshape(-1, base.shape[-1])
-            out = torch.addmm(flat, h, b.t()) if flat.dtype == b.dtype else flat + (h @ b.t()).to(flat.dtype)
-            outs.append(out.view(base.shape))
+        for h, b, base, write in zip(hs, bs, bases, in_place):
+            flat = base.view(-1, base.shape[-1]) if write else base.reshape(-1, base.shape[-1])
+            if write and flat.dtype == b.dtype:
+                flat.addmm_(h, b.t())
+            elif write:
+                flat.add_((h @ b.t()).to(flat.dtype))
+            elif flat.dtype == b.dtype:
+                flat = torch.addmm(flat, h, b.t())
+            else:
+                flat = flat + (h @ b.t()).to(flat.dtype)
+            outs.append(base if write else flat.view(base.shape))
+        ctx.mark_dirty(*[base for base, write in zip(bases, in_place) if write])
         ctx.save_for_backward(x2d, keep, a_cat, *bs, *hs)
         ctx.scales, ctx.count = scales, count
         return tuple(outs)
@@ -84,9 +101,58 @@ class _SiblingLora(torch.autograd.Function):
             dx = dh @ a_cat
             if keep is not None:
                 dx = torch.where(keep, dx, 0)
-        base_grads = [g if needs[6 + count + i] else None for i, g in enumerate(grads)]
-        b_grads = [g if needs[6 + i] else None for i, g in enumerate(b_grads)]
-        return (dx, None, da, None, None, None, *b_grads, *base_grads)
+        base_grads = [g if needs[7 + count + i] else None for i, g in enumerate(grads)]
+        b_grads = [g if needs[7 + i] else None for i, g in enumerate(b_grads)]
+        return (dx, None, da, None, None, None, None, *b_grads, *base_grads)
+
+
+class _AbsorbedSiblings(torch.autograd.Function):
+    """The group with its frozen base ops inside: ``out_i = x W_i^T + b_i + s_i (mask * x) A_i^T B_i^T``.
+
+    Holding the base GEMMs lets the backward accumulate every contribution to ``dx`` into one
+    buffer (``addmm_``): the siblings' ``g_i W_i`` and the low-rank ``dh A``, where autograd would
+    allocate each and add them up; and the base ops leave the autograd graph.
+    """
+
+    @staticmethod
+    def forward(ctx, x2d, keep, a_cat, ranks, scales, count, *tensors):
+        weights, biases, bs = tensors[:count], tensors[count : 2 * count], tensors[2 * count :]
+        dropped = x2d if keep is None else torch.where(keep, x2d, 0)
+        hidden = dropped @ a_cat.t()
+        hs = [h * s for h, s in zip(torch.split(hidden, ranks, dim=1), scales)]
+        outs = []
+        for weight, bias, b, h in zip(weights, biases, bs, hs):
+            out = x2d @ weight.t() if bias is None else torch.addmm(bias, x2d, weight.t())
+            outs.append(out.addmm_(h, b.t()))
+        ctx.save_for_backward(x2d, keep, a_cat, *weights, *bs, *hs)
+        ctx.count = count
+        ctx.scales = scales
+        return tuple(outs)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        x2d, keep, a_cat, *rest = ctx.saved_tensors
+        count, scales = ctx.count, ctx.scales
+        weights, bs, hs = rest[:count], rest[count : 2 * count], rest[2 * count :]
+        needs = ctx.needs_input_grad
+        dx, b_grads, h_grads = None, [], []
+        for i, (g, weight, b, h, s) in enumerate(zip(grads, weights, bs, hs, scales)):
+            g2d = g.reshape(-1, g.shape[-1])
+            b_grads.append(g2d.t() @ h if needs[6 + 2 * count + i] else None)
+            h_grads.append((g2d @ b) * s)
+            if needs[0]:
+                dx = g2d @ weight if dx is None else dx.addmm_(g2d, weight)
+        dh = torch.cat(h_grads, dim=1) if count > 1 else h_grads[0]
+        da = None
+        if needs[2]:
+            dropped = x2d if keep is None else torch.where(keep, x2d, 0)
+            da = dh.t() @ dropped
+        if needs[0]:
+            if keep is None:
+                dx.addmm_(dh, a_cat)
+            else:
+                dx.add_(torch.where(keep, dh @ a_cat, 0))
+        return (dx, None, da, None, None, None, *([None] * (2 * count)), *b_grads)
 
 
 class LoraSiblings(nn.Module):
@@ -107,33 +173,85 @@ class LoraSiblings(nn.Module):
     def extra_repr(self) -> str:
         return f"sites={len(self._layers)}"
 
-    def forward(self, x: torch.Tensor, *bases: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    def forward(self, x: torch.Tensor, *operands: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
+        # operands: each site's base output (None where absorb_bases took its op in), weight, bias.
         layers = self._layers
+        count = len(layers)
+        bases, weights, biases = operands[:count], operands[count : 2 * count], operands[2 * count :]
         if torch.compiler.is_compiling():  # traced: the plain per-site graph, for the compiler to fuse
+            bases = self._bases(x, bases, weights, biases)
             return tuple(layer(x, base, None) for layer, base in zip(layers, bases))
         if not layers[0].active:
-            return bases
+            return self._bases(x, bases, weights, biases)
         first = layers[0]
         dtype = first.lora_A.dtype
         x2d = x.reshape(-1, x.shape[-1]).to(dtype)
         p = first.dropout.p if isinstance(first.dropout, nn.Dropout) and first.training else 0.0
+        a_cat = torch.cat([layer.lora_A for layer in layers]) if count > 1 else first.lora_A
+        ranks = [layer.lora_A.shape[0] for layer in layers]
+        bs = [layer.lora_B for layer in layers]
+        device = x.device.type
+        autocast = torch.is_autocast_enabled(device)
         keep, inverse_keep = None, 1.0
         if p > 0:
             keep = keep_mask(x2d.shape, p, x2d.device)
             inverse_keep = 1.0 / effective_keep(p)
-        a_cat = torch.cat([layer.lora_A for layer in layers]) if len(layers) > 1 else first.lora_A
-        ranks = [layer.lora_A.shape[0] for layer in layers]
         scales = [layer.scaling * inverse_keep for layer in layers]
-        bs = [layer.lora_B for layer in layers]
-        device = x.device.type
-        if torch.is_autocast_enabled(device):
+        if not autocast and self._can_absorb(x, bases, weights, biases):
+            oriented = [weight.t() if layer.fan_in_fan_out else weight for weight, layer in zip(weights, layers)]
+            outs = _AbsorbedSiblings.apply(x2d, keep, a_cat, ranks, scales, count, *oriented, *biases, *bs)
+            return tuple(out.view(*x.shape[:-1], out.shape[-1]) for out in outs)
+        bases = self._bases(x, bases, weights, biases)
+        if autocast:
             # Compute in autocast's dtype, as the plain layers would; the casts stay outside the Function
             # (autograd casts the gradients back), and autocast is off inside it: its backward runs
             # without autocast, so forward and backward must agree on dtypes by themselves.
             compute = torch.get_autocast_dtype(device)
             x2d, a_cat, bs = x2d.to(compute), a_cat.to(compute), [b.to(compute) for b in bs]
+        owners = [_writable_owner(base) for base in bases]
+        inputs = [base if owner is None else owner for base, owner in zip(bases, owners)]
+        in_place = [owner is not None for owner in owners]
         with torch.autocast(device, enabled=False):
-            return _SiblingLora.apply(x2d, keep, a_cat, ranks, scales, len(layers), *bs, *bases)
+            outs = _SiblingLora.apply(x2d, keep, a_cat, ranks, scales, count, in_place, *bs, *inputs)
+        return tuple(out if out.shape == base.shape else out.view(base.shape) for out, base in zip(outs, bases))
+
+    def _bases(self, x, bases, weights, biases) -> tuple[torch.Tensor, ...]:
+        """Each site's base output: computed here for the sites whose op was absorbed."""
+        return tuple(
+            base if base is not None else F.linear(x, weight.t() if layer.fan_in_fan_out else weight, bias)
+            for base, weight, bias, layer in zip(bases, weights, biases, self._layers)
+        )
+
+    def _can_absorb(self, x, bases, weights, biases) -> bool:
+        """Whether :class:`_AbsorbedSiblings` may run the base ops: every op absorbed, frozen,
+        and one dtype for input, weights and adapters (the op would not cast either)."""
+        dtype = x.dtype
+        for base, weight, bias, layer in zip(bases, weights, biases, self._layers):
+            if base is not None or weight.requires_grad or weight.dtype != dtype or layer.lora_A.dtype != dtype:
+                return False
+            if bias is not None and (bias.requires_grad or bias.dtype != dtype):
+                return False
+        return True
+
+
+def _writable_owner(base: torch.Tensor) -> torch.Tensor | None:
+    """The tensor that owns ``base``'s memory, when the LoRA output can be added into it in place.
+
+    The base op's output (a fresh GEMM result: fuse_siblings routed every other use of it through
+    this node) is read by nothing else, so adding into it saves a copy and an allocation of the full
+    output per site. ``F.linear`` with a bias returns a view of its GEMM's [rows, out] result: the
+    owner is that result (modifying the view itself would make autograd copy it back in the
+    backward). Anything else (a slice of a larger tensor, strided memory, a leaf) keeps the
+    out-of-place add.
+    """
+    owner = base._base if base._is_view() else base
+    if owner.is_leaf and owner.requires_grad:
+        return None
+    if owner.numel() != base.numel() or not owner.is_contiguous() or not base.is_contiguous():
+        return None
+    if owner.data_ptr() != base.data_ptr():
+        return None
+    return owner
 
 
 def _fusable(module: nn.Module) -> bool:
@@ -165,7 +283,8 @@ def fuse_siblings(gm: fx.GraphModule, prefix: str) -> int:
         key = f"{adapter}__{len(owner)}"
         owner[key] = LoraSiblings(layers)
         with gm.graph.inserting_after(members[-1]):
-            group = gm.graph.call_module(f"{SIBLINGS_ATTR}.{key}", (x, *[m.args[1] for m in members]))
+            operands = [m.args[1] for m in members] + [m.args[2] for m in members] + [m.args[3] for m in members]
+            group = gm.graph.call_module(f"{SIBLINGS_ATTR}.{key}", (x, *operands))
         group.meta = {k: v for k, v in members[0].meta.items() if k in ("nn_module_stack", "stack_trace")}
         with gm.graph.inserting_after(group):
             outs = [gm.graph.call_function(operator.getitem, (group, i)) for i in range(len(members))]
@@ -175,6 +294,48 @@ def fuse_siblings(gm: fx.GraphModule, prefix: str) -> int:
         made += 1
     stable_topological_sort(gm.graph)
     return made
+
+
+def absorb_bases(gm: fx.GraphModule) -> int:
+    """Let each group compute its sites' frozen linear ops itself; returns how many it took in.
+
+    A base op read only by its group (``aten.linear``, or Conv1D's ``aten.addmm``) keeps its node
+    but runs as a no-op returning None, its original target kept in ``node.meta``; the group
+    computes it, or, when it pays, folds it with the LoRA update (:class:`_MergedSiblings`).
+    Graph passes that look for the frozen ops call :func:`restore_bases` first.
+    """
+    made = 0
+    for group in list(gm.graph.nodes):
+        if not (group.op == "call_module" and group.target.startswith(SIBLINGS_ATTR + ".")):
+            continue
+        count = len(gm.get_submodule(group.target).layers)
+        x = group.args[0]
+        for base in group.args[1 : 1 + count]:
+            if isinstance(base, fx.Node) and _absorbable(base, x, group):
+                base.meta[ABSORBED] = base.target
+                base.target = _absorbed
+                made += 1
+    return made
+
+
+def restore_bases(gm: fx.GraphModule) -> None:
+    """Undo :func:`absorb_bases`: every absorbed base op runs as its own node again."""
+    for node in gm.graph.nodes:
+        if ABSORBED in node.meta:
+            node.target = node.meta.pop(ABSORBED)
+
+
+def _absorbed(*args: object) -> None:
+    """Stands in for a base op its group computes (see absorb_bases)."""
+    return None
+
+
+def _absorbable(base: fx.Node, x: fx.Node, group: fx.Node) -> bool:
+    if base.op != "call_function" or list(base.users) != [group] or base.kwargs:
+        return False
+    if base.target is aten.linear.default:
+        return base.args[0] is x
+    return base.target is aten.addmm.default and base.args[1] is x  # addmm(bias, x, W): Conv1D
 
 
 def _dropout_p(layer: LoraLayer) -> float:
@@ -191,6 +352,7 @@ def _siblings_dict(gm: fx.GraphModule) -> nn.ModuleDict:
 
 def unfuse(gm: fx.GraphModule, adapter: str) -> None:
     """Remove adapter ``adapter``'s group nodes: each output becomes its base output again."""
+    restore_bases(gm)
     for node in list(gm.graph.nodes):
         if node.op == "call_module" and node.target.startswith(f"{SIBLINGS_ATTR}.{adapter}__"):
             for user in list(node.users):

@@ -192,3 +192,68 @@ def test_bf16_autocast_is_as_close_to_fp32_as_the_plain_nodes():
         assert fused_grads[name].dtype == torch.float32
         scale = grad.abs().max()
         assert (fused_grads[name] - grad).abs().max() <= 2 * (plain_grads[name] - grad).abs().max() + 1e-3 * scale
+
+
+def _absorbed_ops(am: adaptc.AdaptedModel) -> int:
+    from adaptc.passes.lora_fused import ABSORBED
+
+    return sum(ABSORBED in node.meta for node in am.graph_module.graph.nodes)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "bert"])
+def test_absorbed_base_ops_match_the_unfused_graph_with_input_grads(family):
+    """Reference: fuse_siblings=False (the frozen ops as their own nodes, one LoRA node per site).
+    GPT-2's Conv1D runs as addmm(bias, x, W[in, out]), BERT's Linear as linear(x, W, bias): the
+    fused group computes both ops itself and must give the same outputs and gradients, the
+    gradient of the input (the summed dx of q, k, v and the low-rank branch) included."""
+    from transformers import BertConfig, BertModel, GPT2Config, GPT2Model
+
+    torch.manual_seed(0)
+    if family == "gpt2":
+        config = GPT2Config(vocab_size=50, n_positions=16, n_embd=32, n_layer=2, n_head=4)
+        make = lambda: GPT2Model(config)  # noqa: E731
+    else:
+        config = BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                            intermediate_size=64)
+        make = lambda: BertModel(config)  # noqa: E731
+    embeds = torch.randn(2, 7, 32)
+    results = {}
+    for fuse in (True, False):
+        torch.manual_seed(0)
+        am = adaptc.inject(make(), "lora", example_inputs={"inputs_embeds": embeds}, r=4, alpha=8,
+                           init="gaussian", fuse_siblings=fuse).train()
+        with torch.no_grad():
+            for name, p in am.named_parameters():
+                if "lora_B" in name:
+                    p.normal_(0, 0.1)
+        x = embeds.clone().requires_grad_(True)
+        out = am(inputs_embeds=x).last_hidden_state
+        (out * torch.linspace(-1, 1, out.shape[-1])).sum().backward()
+        grads = {n: p.grad for n, p in am.named_parameters() if p.requires_grad}
+        results[fuse] = (out.detach(), x.grad, grads, _absorbed_ops(am))
+    (out_f, dx_f, grads_f, absorbed), (out_p, dx_p, grads_p, _) = results[True], results[False]
+    assert absorbed > 0
+    torch.testing.assert_close(out_f, out_p, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(dx_f, dx_p, atol=1e-5, rtol=1e-4)
+    assert grads_f.keys() == grads_p.keys() and grads_f
+    for name in grads_f:
+        torch.testing.assert_close(grads_f[name], grads_p[name], atol=1e-5, rtol=1e-4)
+
+
+def test_an_unfrozen_base_weight_still_gets_its_gradient():
+    """A base weight made trainable after inject: the group must not swallow its gradient.
+    Reference: the same model and adapter with fuse_siblings=False (plain autograd through the op)."""
+    x = torch.randn(2, 5, 24)
+    grads = {}
+    for fuse in (True, False):
+        torch.manual_seed(0)
+        model = Attention()
+        am = _inject(model, x, fuse_siblings=fuse).train()
+        model.q.weight.requires_grad_(True)
+        model.v.bias.requires_grad_(True)
+        am(x).sum().backward()
+        grads[fuse] = (model.q.weight.grad, model.v.bias.grad, _absorbed_ops(am))
+    (q_fused, v_fused, absorbed), (q_plain, v_plain, _) = grads[True], grads[False]
+    assert absorbed > 0 and q_plain is not None and v_plain is not None
+    torch.testing.assert_close(q_fused, q_plain, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(v_fused, v_plain, atol=1e-5, rtol=1e-4)
