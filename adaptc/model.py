@@ -141,6 +141,11 @@ class AdaptedModel(nn.Module):
                 if node.op == "call_module" and node.target.startswith(target):
                     node.replace_all_uses_with(node.args[1])  # args: (x, base output, weight, bias)
                     gm.graph.erase_node(node)
+            # A graph captured with a prompt edit lifted every parameter the model held then, this
+            # adapter's included, as get_attr nodes (unused): left in, they would look for it.
+            for node in list(gm.graph.nodes):
+                if node.op == "get_attr" and node.target.startswith(target) and not node.users:
+                    gm.graph.erase_node(node)
 
         for graph in self._all_graphs():
             graph.transform_graphs(_with_bases_restored(remove), remember=False)

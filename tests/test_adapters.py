@@ -92,3 +92,24 @@ def test_adapter_name_errors():
     with pytest.raises(adaptc.TargetError):
         am.add_adapter("other", targets=["missing"])
     assert list(am.adapters) == ["default"]  # the failed add left nothing behind
+
+
+def test_deleting_lora_under_a_prefix_adapter_keeps_the_prefix():
+    """LoRA, then prefix tuning on top (its graphs are captured with the LoRA parameters in the
+    model), then LoRA deleted. Reference: the same model with only the prefix adapter active."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=50, n_positions=32, n_embd=32, n_layer=2, n_head=4))
+    ids = torch.randint(0, 50, (2, 8))
+    am = adaptc.inject(model, "lora", example_inputs={"input_ids": ids}, r=4).eval()
+    randomize(p for n, p in am.named_parameters() if "lora_B" in n)
+    am.add_adapter("pre", "prefix", num_virtual_tokens=3)
+    randomize(am.adapters["pre"].parameters())
+    am.set_adapter("pre")
+    with torch.no_grad():
+        expected = am(input_ids=ids).logits
+        am.set_adapter(["default", "pre"])
+        assert not torch.allclose(am(input_ids=ids).logits, expected, atol=1e-4)  # LoRA does something
+        am.delete_adapter("default")
+        torch.testing.assert_close(am(input_ids=ids).logits, expected)
