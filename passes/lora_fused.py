@@ -301,8 +301,9 @@ def absorb_bases(gm: fx.GraphModule) -> int:
 
     A base op read only by its group (``aten.linear``, or Conv1D's ``aten.addmm``) keeps its node
     but runs as a no-op returning None, its original target kept in ``node.meta``; the group
-    computes it, or, when it pays, folds it with the LoRA update (:class:`_MergedSiblings`).
-    Graph passes that look for the frozen ops call :func:`restore_bases` first.
+    computes it inside :class:`_AbsorbedSiblings`, or with ``F.linear`` before the LoRA branch when
+    it cannot (a base weight that trains, autocast, mixed dtypes). Graph passes that look for the
+    frozen ops call :func:`restore_bases` first.
     """
     made = 0
     for group in list(gm.graph.nodes):
