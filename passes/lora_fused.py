@@ -198,7 +198,7 @@ class LoraSiblings(nn.Module):
             inverse_keep = 1.0 / effective_keep(p)
         scales = [layer.scaling * inverse_keep for layer in layers]
         if not autocast and self._can_absorb(x, bases, weights, biases):
-            oriented = [weight.t() if layer.fan_in_fan_out else weight for weight, layer in zip(weights, layers)]
+            oriented = [layer._oriented(weight) for weight, layer in zip(weights, layers)]
             outs = _AbsorbedSiblings.apply(x2d, keep, a_cat, ranks, scales, count, *oriented, *biases, *bs)
             return tuple(out.view(*x.shape[:-1], out.shape[-1]) for out in outs)
         bases = self._bases(x, bases, weights, biases)
@@ -218,7 +218,7 @@ class LoraSiblings(nn.Module):
     def _bases(self, x, bases, weights, biases) -> tuple[torch.Tensor, ...]:
         """Each site's base output: computed here for the sites whose op was absorbed."""
         return tuple(
-            base if base is not None else F.linear(x, weight.t() if layer.fan_in_fan_out else weight, bias)
+            base if base is not None else F.linear(x, layer._oriented(weight), bias)
             for base, weight, bias, layer in zip(bases, weights, biases, self._layers)
         )
 
