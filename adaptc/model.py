@@ -251,8 +251,10 @@ class AdaptedModel(nn.Module):
         return [graph for graphs in self._graphs.values() for graph in graphs]
 
     def _apply_adapter_passes(self, graph: CapturedGraphModule) -> None:
-        from adaptc.passes import lora_fused, speedups
+        from adaptc.passes import lora_fused, narrow, speedups
 
+        if graph._adaptc_active:  # training graphs: evaluation stays bit-identical to the base model
+            narrow.narrow_rows(graph)  # first: the adapters then see the narrowed ops
         for graph_pass in self._passes.values():
             graph_pass(graph)
         speedups.apply(graph)  # the frozen model's own ops: fused tanh-GELU, cheaper dropout masks
