@@ -1,6 +1,6 @@
 """Rewrites of the frozen model's own ops that keep its math and make training steps cheaper.
 
-Module wrapping cannot touch the base model's code; a captured graph can. Two rewrites, applied
+Module wrapping cannot touch the base model's code; a captured graph can. Four rewrites, applied
 to the graphs adaptc captures:
 
 * **tanh-GELU**: GPT-2's ``gelu_new`` (and its copies in GPT-J, CodeGen, Phi, ...) is written
@@ -17,7 +17,13 @@ to the graphs adaptc captures:
   the CPU, forward + backward of a [8, 128, 256] activation: 4.5 ms against 6.2). Training graphs
   only, and only in one dtype throughout (no cast between the normalisation and the weight).
 
-Under ``torch.compile`` / ``torch.export`` (ONNX) :func:`dropout` is plain ``F.dropout``.
+* **RoPE**: ``x * cos + rotate_half(x) * sin`` (Llama and the models that copied its
+  ``rotate_half``), seven ops each way on q and on k, becomes one :func:`rotary` (three passes each
+  way; measured on the CPU, q and k of [8, 4, 128, 64], forward + backward: 3.2 ms against 7.1).
+  Training graphs only.
+
+Under ``torch.compile`` / ``torch.export`` (ONNX) :func:`dropout` is plain ``F.dropout`` and
+:func:`rotary` the formula written out.
 """
 
 from __future__ import annotations
@@ -61,14 +67,15 @@ torch.fx.wrap("dropout")  # a leaf if a graph holding it is ever traced again wi
 
 
 def apply(gm: fx.GraphModule) -> None:
-    """Both rewrites on ``gm.graph`` (in place).
+    """The rewrites on ``gm.graph`` (in place).
 
-    GELU and RMSNorm are fused in training graphs only: the fused kernels round differently (~1e-7),
+    GELU, RMSNorm and RoPE are fused in training graphs only: the fused kernels round differently (~1e-7),
     and an evaluation graph with a zero adapter stays bit-identical to the base model.
     """
     if getattr(gm, "_adaptc_active", True):  # the mode whose graph the hook is editing
         _fuse_tanh_gelu(gm.graph)
         _fuse_rms_norm(gm)
+        _fuse_rotary(gm.graph)
     _fast_dropout(gm.graph)
 
 
@@ -242,6 +249,109 @@ def _fuse_rms_norm(gm: fx.GraphModule) -> int:
             for user in list(old.users):
                 if _ASSERT_META is not None and _is(user, {_ASSERT_META.default}):
                     graph.erase_node(user)
+            if not old.users:
+                graph.erase_node(old)
+        count += 1
+    return count
+
+
+# --- rotary position embedding ---------------------------------------------------------------------
+
+class _Rotary(torch.autograd.Function):
+    """``x * cos + rotate_half(x) * sin``, where ``rotate_half(x) = cat(-x2, x1)``, in three passes each way.
+
+    Written out, it is seven ops forward (two slices, neg, cat, two muls, add) and as many backward,
+    each a pass over q or k. Here: ``x * cos``, then the two halves of ``rotate_half(x) * sin`` added in
+    place (``addcmul_``); the backward is the transpose, ``g * cos`` plus the other half rotated back.
+    """
+
+    @staticmethod
+    def forward(ctx, x, cos, sin):
+        half = x.shape[-1] // 2
+        out = x * cos
+        out[..., :half].addcmul_(x[..., half:], sin[..., :half], value=-1)
+        out[..., half:].addcmul_(x[..., :half], sin[..., half:])
+        ctx.save_for_backward(cos, sin)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        cos, sin = ctx.saved_tensors
+        half = grad.shape[-1] // 2
+        dx = grad * cos
+        dx[..., :half].addcmul_(grad[..., half:], sin[..., half:])
+        dx[..., half:].addcmul_(grad[..., :half], sin[..., :half], value=-1)
+        return dx, None, None
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """``x * cos + rotate_half(x) * sin`` (the RoPE of Llama, Mistral, Qwen, Gemma, ...)."""
+    plain = torch.compiler.is_compiling() or cos.requires_grad or sin.requires_grad
+    if plain or torch.broadcast_shapes(x.shape, cos.shape, sin.shape) != x.shape:
+        return x * cos + _rotate_half(x) * sin
+    return _Rotary.apply(x, cos, sin)
+
+
+torch.fx.wrap("rotary")
+
+
+def _slice_of(node, x: fx.Node, start: int, stop: int | None) -> bool:
+    """Whether ``node`` is ``x[..., start:stop]`` (a slice of the last dim; stop None: to the end)."""
+    if not _is(node, {aten.slice.Tensor}) or node.args[0] is not x or len(node.args) < 4:
+        return False
+    rank = len(x.meta["val"].shape)
+    step = node.args[4] if len(node.args) > 4 else 1
+    end = node.args[3]
+    ends = end is not None and end >= x.meta["val"].shape[-1] if stop is None else end == stop
+    return node.args[1] % rank == rank - 1 and node.args[2] == start and ends and step == 1
+
+
+def _match_rotary(add: fx.Node):
+    """From ``a + b``: (x, cos, sin, chain) when it is ``x * cos + cat(-x[..., h:], x[..., :h]) * sin``."""
+    operands = _plus(add)
+    if operands is None or not all(_is(v, _MUL) and len(v.args) == 2 for v in operands):
+        return None
+    for direct, rotated in (operands, operands[::-1]):
+        for cat, sin in (rotated.args, rotated.args[::-1]):
+            if not _is(cat, {aten.cat.default}) or len(cat.args[0]) != 2 or not isinstance(sin, fx.Node):
+                continue
+            neg, first = cat.args[0]
+            if not _is(neg, {aten.neg.default}):
+                continue
+            x = first.args[0] if _is(first, {aten.slice.Tensor}) else None
+            for y, cos in (direct.args, direct.args[::-1]):
+                if y is not x or not isinstance(cos, fx.Node) or not isinstance(x.meta.get("val"), torch.Tensor):
+                    continue
+                val = x.meta["val"]
+                width, rank = val.shape[-1], len(val.shape)
+                if not isinstance(width, int) or width % 2 or (cat.args[1] if len(cat.args) > 1 else 0) % rank != rank - 1:
+                    continue
+                half = width // 2
+                if not (_slice_of(first, x, 0, half) and _slice_of(neg.args[0], x, half, None)):
+                    continue
+                if not (_dtype(cos) == _dtype(sin) == val.dtype == _dtype(add)) or not val.is_floating_point():
+                    continue
+                return x, cos, sin, [add, direct, rotated, cat, neg, first, neg.args[0]]
+    return None
+
+
+def _fuse_rotary(graph: fx.Graph) -> int:
+    count = 0
+    for node in list(graph.nodes):
+        found = _match_rotary(node)
+        if found is None:
+            continue
+        x, cos, sin, chain = found
+        with graph.inserting_after(node):
+            fused = graph.call_function(rotary, (x, cos, sin))
+        fused.meta = {k: v for k, v in node.meta.items() if k in ("nn_module_stack", "stack_trace", "val")}
+        node.replace_all_uses_with(fused)
+        for old in chain:  # outputs first; a node the model still reads elsewhere stays
             if not old.users:
                 graph.erase_node(old)
         count += 1

@@ -74,8 +74,8 @@ def _assert_training_matches_peft(model, am, batch, out, tmp_path, sites: int) -
     assert checked == 2 * sites
 
 
-def test_llama_rms_norm_becomes_one_op_and_training_matches_peft(tmp_path):
-    """Reference: PEFT on the eager model (which runs LlamaRMSNorm written out), same adapter weights."""
+def test_llama_rms_norm_and_rope_become_one_op_each_and_training_matches_peft(tmp_path):
+    """Reference: PEFT on the eager model (which runs LlamaRMSNorm and rotate_half written out), same adapter weights."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
@@ -89,6 +89,7 @@ def test_llama_rms_norm_becomes_one_op_and_training_matches_peft(tmp_path):
     targets = _targets(am)
     assert targets.count(str(torch.nn.functional.rms_norm)) == 2 * 2 + 1, targets
     assert "aten.rsqrt.default" not in targets
+    assert targets.count(str(speedups.rotary)) == 2 * 2 and "aten.neg.default" not in targets  # q and k, 2 layers
     am.eval()
     assert "aten.rsqrt.default" in _targets(am)  # evaluation graphs keep the model's own ops
     am.train()
