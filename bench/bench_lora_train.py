@@ -125,7 +125,9 @@ def make_floor(model: torch.nn.Module, family: str, batch: dict) -> Callable[[],
     return step
 
 
-def make_variant(name: str, family: str, base: torch.nn.Module, batch: dict) -> Callable[[], None]:
+def make_variant(name: str, family: str, base: torch.nn.Module, batch: dict,
+                 wrap: Callable[[torch.nn.Module], torch.nn.Module] | None = None) -> Callable[[], None]:
+    """One variant's training step; ``wrap`` (e.g. ``torch.compile``) is applied to the adapted model."""
     import adaptc
 
     model = copy.deepcopy(base)
@@ -148,7 +150,7 @@ def make_variant(name: str, family: str, base: torch.nn.Module, batch: dict) -> 
         adapted = adaptc.inject(model, "lora", example_inputs=example, targets=targets, r=r, alpha=alpha,
                                 dropout=dropout, fuse_siblings=implementation == "adaptc")
     adapted.train()
-    return make_step(adapted, family, batch)
+    return make_step(adapted if wrap is None else wrap(adapted), family, batch)
 
 
 def variant_names() -> list[str]:

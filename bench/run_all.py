@@ -21,6 +21,7 @@ RUNS = [
     ("lora-train", "bench_lora_train.py", ["--image", "112"]),
     ("inference", "bench_inference.py", []),
     ("prompt", "bench_prompt.py", []),
+    ("torch-compile", "bench_torch_compile.py", ["--models", "llama,bert"]),
     ("compile", "bench_compile.py", None),  # its own sizes (depths)
     ("qlora", "bench_qlora.py", None),
 ]
