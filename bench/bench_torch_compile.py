@@ -5,9 +5,9 @@
 Same models, weights, batch and AdamW step as bench_lora_train.py (whose helpers this uses), LoRA
 all-linear r=16 with dropout 0.05. ``torch.compile(model)`` with the default inductor backend
 wraps the adapted model; the first step (compiling forward and backward) is timed on its own, then
-the four variants run interleaved and the table reports medians. Under compilation adaptc's group
-nodes hand inductor the plain per-site LoRA ops (it fuses them itself); the graph-level rewrites
-that change which ops run (narrowed rows, fused RoPE / RMSNorm / GELU) stay.
+the four variants run interleaved and the table reports medians. Under compilation adaptc's LoRA
+group nodes stay hand-written autograd Functions (dynamo traces them); the graph-level rewrites
+(narrowed rows, fused RMSNorm / GELU) stay, and RoPE and dropout are handed to inductor written out.
 """
 
 from __future__ import annotations

@@ -69,8 +69,10 @@ def narrow_rows(gm: fx.GraphModule) -> int:
             continue
         _, rebuild = rule
         args, kwargs = rebuild(row_of)
+        # A view of a narrowed tensor may not be expressible with its strides: reshape copies only then.
+        target = aten.reshape.default if node.target in _VIEWS else node.target
         with graph.inserting_before(node):
-            new = graph.call_function(node.target, args, kwargs)
+            new = graph.call_function(target, args, kwargs)
         new.meta = dict(node.meta)
         _set_val(new, node, row[0])
         narrowed[node] = new
