@@ -101,7 +101,8 @@ def _demands(graph: fx.Graph) -> dict[fx.Node, Row | None]:
         for user in node.users:
             wanted.add(_demand_by(user, node, demand.get(user)))
         demand[node] = wanted.pop() if len(wanted) == 1 else None
-        if demand[node] is not None and _shape(node) is not None and _shape(node)[demand[node][0]] == 1:
+        shape = _shape(node)
+        if demand[node] is not None and shape is not None and _same(shape[demand[node][0]], 1):
             demand[node] = None  # one row already: nothing to gain (and the pass stays idempotent)
     return demand
 
