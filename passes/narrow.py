@@ -151,11 +151,8 @@ def _rule(node: fx.Node, dim: int, index: int) -> tuple[dict[fx.Node, Row | None
     first = args[0]
     rank = len(out)
 
-    def same(args_out=None):
-        def rebuild(row_of):
-            new_args = (row_of(first, (dim, index)), *(args[1:] if args_out is None else args_out))
-            return new_args, dict(kwargs)
-        return {first: (dim, index)}, rebuild
+    def same():  # the same row of the first argument, the other arguments as they are
+        return _one_input(first, (dim, index), args[1:], kwargs)
 
     if target in _ELEMENTWISE or (target in _BINARY and not isinstance(args[1], fx.Node)):
         return same()
