@@ -42,6 +42,7 @@ from adaptc.inputs import Inputs, normalize_inputs
 
 from . import ort as rt
 from .flat import FlatCall, flat_outputs, input_names, output_names
+from .linear_rules import prefiltered_default_rules
 from .split_skip_norm import split_skip_norms
 from .unpack_attention import unpack_attention
 
@@ -209,7 +210,8 @@ _OP = re.compile(r"(aten[.:]{1,2}[A-Za-z_0-9.]+|[A-Za-z_0-9]+::[A-Za-z_0-9.]+)")
 def _torch_export(flat: FlatCall, tensors: list[torch.Tensor], shapes: list[dict], names: list[str],
                   outs: list[str], opset: int | None) -> ir.Model:
     try:
-        with contextlib.redirect_stdout(None), contextlib.redirect_stderr(None), _quiet():
+        # prefiltered_default_rules: the exporter's own onnxscript optimize pass is otherwise quadratic
+        with contextlib.redirect_stdout(None), contextlib.redirect_stderr(None), _quiet(), prefiltered_default_rules():
             program = torch.onnx.export(
                 flat.eval(), tuple(tensors), dynamo=True, input_names=names, output_names=outs,
                 dynamic_shapes=(tuple(shapes),), opset_version=opset, verbose=False,

@@ -50,6 +50,7 @@ def _fuse(model: ir.Model, rope: bool) -> tuple[ir.Model, dict[str, int]]:
     from onnxscript.rewriter.ort_fusions import optimize_for_ort
 
     from .flat_gemm import unflatten_gemms
+    from .linear_rules import prefiltered_default_rules
     from .rope_angles import expand_rotary_positions, rope_angles_as_matmul
 
     quiet = logging.getLogger("onnx_ir")
@@ -60,7 +61,8 @@ def _fuse(model: ir.Model, rope: bool) -> tuple[ir.Model, dict[str, int]]:
         if rope:
             rope_angles_as_matmul(model)  # RoPE angles in the spelling the rotary fusion matches
         inputs = list(model.graph.inputs)
-        model, counts = optimize_for_ort(model)
+        with prefiltered_default_rules():  # onnxscript's multi-output matcher is quadratic otherwise
+            model, counts = optimize_for_ort(model)
         _restore_inputs(model, inputs)
         expand_rotary_positions(model)
     finally:
