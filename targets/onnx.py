@@ -43,7 +43,7 @@ from adaptc.inputs import Inputs, normalize_inputs
 from . import ort as rt
 from .flat import FlatCall, flat_outputs, input_names, output_names
 from .linear_rules import prefiltered_default_rules
-from .split_skip_norm import split_skip_norms
+from .split_skip_norm import SKIP_NORMS, split_skip_norms
 from .unpack_attention import unpack_attention
 
 EXTERNAL_DATA_BYTES = 1 << 30  # weights above 1 GiB go to a .data file (protobuf's limit is 2 GiB)
@@ -599,10 +599,19 @@ def _optimize(stage: Path, final: Path, external: bool) -> dict[str, int]:
             leftover.unlink()
         rt.optimize_saved(exported, optimized, external)
         counts = {"onnxscript fusions skipped (ORT rejected the fused graph)": 1}
-    model = ir.load(optimized)
-    split = split_skip_norms(model)
-    rt.save(model, final, external)
-    return {**counts, "skip-norms split back (adaptc)": split} if split else counts
+    split = 0
+    if SKIP_NORMS & set(rt.op_counts(optimized, rt.CONTRIB_DOMAIN)):
+        model = ir.load(optimized)
+        split = split_skip_norms(model)
+    if split:
+        rt.save(model, final, external)
+        return {**counts, "skip-norms split back (adaptc)": split}
+    # Nothing to rewrite: move ORT's files instead of loading and saving the model again. Its
+    # weights file, when external, is named after the model (optimize_saved), so the reference holds.
+    for name in (final.name, f"{final.name}.data"):
+        if (stage / name).exists():
+            os.replace(stage / name, final.parent / name)
+    return counts
 
 
 def _quantize(source: Path, target: Path, feeds: dict, fp32: list[np.ndarray], reference: list[torch.Tensor],
@@ -610,11 +619,12 @@ def _quantize(source: Path, target: Path, feeds: dict, fp32: list[np.ndarray], r
     stage = target.parent / "int8-stage"  # a folder: the export moves only the files beside the model
     stage.mkdir()
     try:
-        model = ir.load(source)
-        if unpack_attention(model):  # packed Q/K/V stay fp32 under ORT's quantizer: see targets/unpack_attention.py
-            rt.save(model, stage / source.name, external)
-            source = stage / source.name
-        del model
+        if "Attention" in rt.op_counts(source, rt.CONTRIB_DOMAIN):  # read the model only where there is one
+            model = ir.load(source)
+            if unpack_attention(model):  # packed Q/K/V stay fp32 under ORT's quantizer: see targets/unpack_attention.py
+                rt.save(model, stage / source.name, external)
+                source = stage / source.name
+            del model
         rt.quantize_int8(source, target, external)
     finally:
         shutil.rmtree(stage)

@@ -26,6 +26,7 @@ _SPLITS = {
     "SkipLayerNormalization": (4, "LayerNormalization", ""),
     "SkipSimplifiedLayerNormalization": (3, "SimplifiedLayerNormalization", ""),
 }
+SKIP_NORMS = frozenset(_SPLITS)  # the op types split_skip_norms rewrites
 _SUM_OUTPUT = 3
 _FUSED_DEFAULT_EPSILON = 1e-12  # ORT's contrib skip-norm schemas
 
