@@ -35,7 +35,7 @@ import torch
 from torch import fx
 from torch.nn import functional as F
 
-from .lora_fused import effective_keep, keep_mask
+from .lora_fused import effective_keep, keep_mask, masked
 
 aten = torch.ops.aten
 
@@ -45,12 +45,12 @@ class _MaskedDropout(torch.autograd.Function):
     def forward(ctx, x, keep, scale):
         ctx.save_for_backward(keep)
         ctx.scale = scale
-        return torch.where(keep, x * scale, 0)
+        return masked(x, keep, scale)
 
     @staticmethod
     def backward(ctx, grad):
         (keep,) = ctx.saved_tensors
-        return torch.where(keep, grad * ctx.scale, 0), None, None
+        return masked(grad, keep, ctx.scale), None, None
 
 
 def dropout(x: torch.Tensor, p: float, train: bool) -> torch.Tensor:

@@ -49,13 +49,18 @@ def test_siblings_share_one_node():
     assert _groups(am) == [1, 3]
 
 
-def test_fused_forward_and_grads_equal_the_hand_computation_with_dropout():
-    """Reference: LoRA written out by hand with the same mask (drawn by keep_mask from the same seed)."""
+@pytest.mark.parametrize("absorbed", [True, False], ids=["absorbed", "base-op-apart"])
+def test_fused_forward_and_grads_equal_the_hand_computation_with_dropout(absorbed):
+    """Reference: LoRA written out by hand with the same mask (drawn by keep_mask from the same seed).
+    With a trainable base weight the group cannot absorb the base ops (_SiblingLora instead of
+    _AbsorbedSiblings): both paths apply the mask forward and backward."""
     torch.manual_seed(0)
     x = torch.randn(2, 5, 24)
     model = Attention()
     p = 0.25
     am = _inject(model, x, dropout=p).train()
+    if not absorbed:
+        model.k.weight.requires_grad_(True)
     am(x)  # capture the train graph first: capture runs the model, which draws masks
     torch.manual_seed(7)
     xg = x.clone().requires_grad_(True)
