@@ -1,17 +1,22 @@
-"""Keep onnxscript's default rewrite rules linear in the graph's size while our fusions run.
+"""Keep onnxscript's default rewrite rules linear in the graph's size during an export.
 
 onnxscript's matcher for a pattern with several output nodes (in the default rule set:
 ``SlicesSplit``, two ``Slice`` of one tensor -> ``Split``) takes the node it is offered as the first
-output and looks for the others among *every* node of the graph: it indexes the whole graph by op
-type for each node offered, then tries every combination of candidates. That is quadratic in the
-node count, and ``optimize_for_ort`` runs the default rules in four optimizer calls: on a 32-layer
-Llama this one rule took 30 of the export's 64 s (2.0 s at 8 layers, 7.3 at 16; bench/bench_compile.py).
+output and looks for the others among *every* node of the graph: for each node offered it indexes
+the whole graph by op type, then tries every combination of candidates. That is quadratic in the
+node count, and an export runs the default rules in every optimizer call (the exporter's own, three
+in ``optimize_for_ort``, twice that where the fusions run again): on a 32-layer Llama this one
+rule took 30 of the export's 64 s (2.0 s at 8 layers, 7.3 at 16; bench/bench_compile.py).
 
 :func:`prefiltered_default_rules` wraps each such rule so that it is tried only on nodes its first
 output node accepts (the op type and domain check the matcher makes first anyway) and, where every
 other output node of the pattern reads a value the first one reads (SlicesSplit: both Slices read
 ``x``), searches the other outputs only among that value's readers: a match can use no other node.
-(Not among the readers of all the first node's inputs: constants like ``[1]`` are shared by hundreds.) The rules, their order and what they match are unchanged.
+(Not among the readers of all the first node's inputs: constants like ``[1]`` have hundreds.)
+The rules and their order are unchanged, and the candidates come in graph order as before.
+
+It leans on two onnxscript internals (``rewriter._DEFAULT_REWRITE_RULES`` and a rule's
+``_target_pattern``); where a version lacks them it changes nothing.
 """
 
 from __future__ import annotations
@@ -95,7 +100,10 @@ def prefiltered_default_rules() -> Iterator[None]:
     when called) runs the prefiltered rules. Not thread-safe: the rule tuple is a module global."""
     from onnxscript import rewriter
 
-    original = rewriter._DEFAULT_REWRITE_RULES
+    original = getattr(rewriter, "_DEFAULT_REWRITE_RULES", None)
+    if original is None:  # another onnxscript: nothing to wrap
+        yield
+        return
     rewriter._DEFAULT_REWRITE_RULES = prefilter(original)
     try:
         yield
