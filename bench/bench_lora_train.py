@@ -12,6 +12,9 @@ runs again alone in a fresh subprocess; "saved" is what autograd keeps for the b
 (activations, by storage, weights excluded) and "peak" the process's resident-set growth over
 a step (VmHWM after a reset). "adaptc unfused" is adaptc with fuse_siblings=False: the same
 compiler without the sibling fusion (passes/lora_fused.py), to show what that lever gives.
+FLOPs: one more step of each variant under torch.utils.flop_counter, matrix multiplies only; "x floor
+FLOP" against "x floor" (time) shows how much of a variant's time over the floor is arithmetic it
+must do, and how much is overhead.
 """
 
 from __future__ import annotations
@@ -182,10 +185,41 @@ def write_results(out: str | Path, header: str, text: str) -> None:
     print(f"written to {out}", file=sys.stderr)
 
 
-def measure_time(family: str, args: argparse.Namespace) -> dict[str, float]:
+def measure_time(family: str, args: argparse.Namespace) -> tuple[dict[str, float], dict[str, float]]:
+    """Median ms per step of every variant, and the matrix-multiply FLOPs of one step of each."""
     base, batch = build(family, args), make_batch(family, args)
     steps = {name: make_variant(name, family, base, batch) for name in variant_names()}
-    return interleaved_medians(steps, args.rounds, time.thread_time if args.cpu_time else time.perf_counter)
+    medians = interleaved_medians(steps, args.rounds, time.thread_time if args.cpu_time else time.perf_counter)
+    return medians, {name: step_flops(step) for name, step in steps.items()}
+
+
+def step_flops(step: Callable[[], None]) -> float:
+    """FLOPs of one step's matrix multiplies (mm, addmm, bmm, attention; forward and backward), as
+    torch.utils.flop_counter counts them: what the step must compute, however fast it runs.
+
+    The counter knows neither ``addmm_`` (adaptc's fused groups accumulate into outputs with it) nor
+    CPU attention's kernels; they get the formulas of ``addmm`` and of flash attention.
+    """
+    from torch.utils import flop_counter
+
+    def addmm_(self_shape, mat1, mat2, *args, out_shape=None, **kwargs) -> int:
+        return flop_counter.mm_flop(mat1, mat2)
+
+    def cpu_attention(query, key, value, *args, out_shape=None, **kwargs) -> int:
+        return flop_counter.sdpa_flop_count(query, key, value)
+
+    def cpu_attention_backward(grad_out, query, key, value, *args, out_shape=None, **kwargs) -> int:
+        return flop_counter.sdpa_backward_flop_count(grad_out, query, key, value)
+
+    aten = torch.ops.aten
+    counter = flop_counter.FlopCounterMode(display=False, custom_mapping={
+        aten.addmm_: addmm_,
+        aten._scaled_dot_product_flash_attention_for_cpu: cpu_attention,
+        aten._scaled_dot_product_flash_attention_for_cpu_backward: cpu_attention_backward,
+    })
+    with counter:
+        step()
+    return float(counter.get_total_flops())
 
 
 def _status_kib(field: str) -> int:
@@ -233,11 +267,14 @@ def measure_memory(family: str, args: argparse.Namespace, argv: list[str]) -> di
 
 # --- report ----------------------------------------------------------------------------------------
 
-def table(times: dict[str, dict[str, float]], memory: dict[str, dict[str, dict[str, float]]]) -> str:
-    lines = ["| model | variant | ms / step | x floor | adaptc / PEFT | saved for backward MiB | peak MiB |",
-             "|---|---|---|---|---|---|---|"]
+def table(times: dict[str, dict[str, float]], memory: dict[str, dict[str, dict[str, float]]],
+          flops: dict[str, dict[str, float]]) -> str:
+    lines = ["| model | variant | ms / step | x floor | adaptc / PEFT | GFLOP / step | x floor FLOP "
+             "| saved for backward MiB | peak MiB |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for family, medians in times.items():
         floor = medians["floor"]
+        counts = flops[family]
         for name, ms in medians.items():
             ratio = ""
             implementation, _, config = name.partition(" | ")
@@ -247,7 +284,8 @@ def table(times: dict[str, dict[str, float]], memory: dict[str, dict[str, dict[s
             saved = f"{mem['saved_mib']:.0f}" if mem else ""
             peak = f"{mem['peak_mib']:.0f}" if mem else ""
             label = name.replace(" | ", " ")
-            lines.append(f"| {family} | {label} | {ms:.0f} | {ms / floor:.2f} | {ratio} | {saved} | {peak} |")
+            lines.append(f"| {family} | {label} | {ms:.0f} | {ms / floor:.2f} | {ratio} | {counts[name] / 1e9:.1f} "
+                         f"| {counts[name] / counts['floor']:.3f} | {saved} | {peak} |")
     return "\n".join(lines)
 
 
@@ -283,14 +321,14 @@ def main() -> None:
         print(json.dumps(memory_of_one(family, name, args)))
         return
     forwarded = [a for a in argv if a != "--no-memory"]
-    times, memory = {}, {}
+    times, memory, flops = {}, {}, {}
     for family in args.models.split(","):
         print(f"{family}: timing {len(variant_names())} variants ...", file=sys.stderr)
-        times[family] = measure_time(family, args)
+        times[family], flops[family] = measure_time(family, args)
         if not args.no_memory:
             print(f"{family}: memory, one subprocess per variant ...", file=sys.stderr)
             memory[family] = measure_memory(family, args, forwarded)
-    text = table(times, memory)
+    text = table(times, memory, flops)
     print(text)
     header = (
         f"# LoRA training step: adaptc vs PEFT\n\n`python bench/bench_lora_train.py {' '.join(argv)}`\n\n"
