@@ -21,6 +21,7 @@ It leans on two onnxscript internals (``rewriter._DEFAULT_REWRITE_RULES`` and a 
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -94,18 +95,27 @@ def _multi_output(rule: Any) -> bool:
     return pattern is not None and not pattern.has_single_output_node
 
 
+_swap_lock = threading.Lock()
+_swap = {"depth": 0, "original": None}  # how many blocks are open, and the rules they replaced
+
+
 @contextmanager
 def prefiltered_default_rules() -> Iterator[None]:
     """Within the block, ``onnxscript.optimizer.optimize`` (which reads ``rewriter._DEFAULT_REWRITE_RULES``
-    when called) runs the prefiltered rules. Not thread-safe: the rule tuple is a module global."""
+    when called) runs the prefiltered rules. The rules are a module global: blocks may nest or overlap
+    across threads; the first to open swaps them in, the last to close puts the originals back."""
     from onnxscript import rewriter
 
-    original = getattr(rewriter, "_DEFAULT_REWRITE_RULES", None)
-    if original is None:  # another onnxscript: nothing to wrap
-        yield
-        return
-    rewriter._DEFAULT_REWRITE_RULES = prefilter(original)
+    with _swap_lock:
+        if _swap["depth"] == 0:
+            _swap["original"] = getattr(rewriter, "_DEFAULT_REWRITE_RULES", None)
+            if _swap["original"] is not None:  # None: another onnxscript, nothing to wrap
+                rewriter._DEFAULT_REWRITE_RULES = prefilter(_swap["original"])
+        _swap["depth"] += 1
     try:
         yield
     finally:
-        rewriter._DEFAULT_REWRITE_RULES = original
+        with _swap_lock:
+            _swap["depth"] -= 1
+            if _swap["depth"] == 0 and _swap["original"] is not None:
+                rewriter._DEFAULT_REWRITE_RULES = _swap["original"]

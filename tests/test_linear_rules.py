@@ -85,3 +85,36 @@ def test_default_rules_are_restored_even_after_an_error():
         assert rewriter._DEFAULT_REWRITE_RULES is not original
         raise RuntimeError("boom")
     assert rewriter._DEFAULT_REWRITE_RULES is original
+
+
+def test_nested_and_overlapping_blocks_restore_the_rules_once_all_close():
+    """Two exports in two threads: the second block opens before the first closes, and closes after it."""
+    import threading
+
+    original = rewriter._DEFAULT_REWRITE_RULES
+    first_open, second_open, first_closed = threading.Event(), threading.Event(), threading.Event()
+    seen = {}
+
+    def first() -> None:
+        with prefiltered_default_rules():
+            first_open.set()
+            second_open.wait(5)
+        first_closed.set()
+
+    def second() -> None:
+        first_open.wait(5)
+        with prefiltered_default_rules():
+            second_open.set()
+            first_closed.wait(5)
+            seen["after first closed"] = rewriter._DEFAULT_REWRITE_RULES
+            with prefiltered_default_rules():  # nested
+                seen["nested"] = rewriter._DEFAULT_REWRITE_RULES
+
+    threads = [threading.Thread(target=first), threading.Thread(target=second)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(10)
+    assert seen["after first closed"] is not original  # still prefiltered for the open block
+    assert seen["nested"] is seen["after first closed"]  # not wrapped twice
+    assert rewriter._DEFAULT_REWRITE_RULES is original
