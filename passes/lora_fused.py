@@ -5,11 +5,11 @@ mask over the full input, run their own skinny ``x @ A.T`` and keep their own dr
 of ``x`` for the backward. The graph shows that they read the same node, so this pass
 replaces their LoRA nodes with one :class:`LoraSiblings` node that
 
-* draws one dropout mask (a bool tensor, a quarter of a float copy) for the group,
+* draws one dropout mask (a bool tensor, a quarter of a float copy; passes/dropout_mask.py) for the group,
 * runs one ``x @ cat(A).T`` and, in the backward, one ``dh @ cat(A)`` and one ``dh.T @ x``,
 * applies the scale to the rank-r hidden instead of the full-width output,
 * adds ``h @ B.T`` into the base output in place, inside the GEMM (``addmm_``),
-* keeps ``x`` and the mask for the backward instead of a dropped copy per site.
+* keeps one dropped ``x`` and the mask for the backward instead of a dropped copy per site.
 
 :func:`absorb_bases` (run by AdaptedModel after every pass) goes one step further: a frozen
 ``aten.linear`` / Conv1D ``aten.addmm`` read only by its group becomes a no-op node and the group
@@ -35,46 +35,12 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from .dropout_mask import add_masked_, effective_keep, keep_mask, masked
 from .lora import LoraLayer
 
 SIBLINGS_ATTR = "_adaptc_lora_siblings"
 ABSORBED = "adaptc_absorbed_op"  # node.meta key: the target of a base op a group computes itself
 aten = torch.ops.aten
-
-
-def keep_mask(shape: torch.Size, p: float, device: torch.device) -> torch.Tensor:
-    """A bool mask keeping each element with probability ``1 - p`` (p resolved to 1/65536).
-
-    Four 16-bit lanes from each 64-bit random draw: about 3x faster than ``bernoulli_`` on CPU.
-    """
-    count = max(1, shape.numel())
-    words = torch.randint(-(2**63), 2**63 - 1, ((count + 3) // 4,), dtype=torch.int64, device=device)
-    lanes = words.view(torch.int16)[:count]
-    return (lanes >= round(p * 65536) - 32768).view(shape)
-
-
-def masked(x: torch.Tensor, keep: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
-    """``x`` where ``keep``, else 0, times ``scale``: dropout applied with a mask from :func:`keep_mask`.
-
-    fp32 multiplies by the bool mask (one vectorized pass, about 1.7x faster than ``where`` on CPU:
-    0.24 vs 0.41 ms per million elements); half types, where ``where`` is the faster, keep it. Like
-    ``nn.Dropout`` (``x * mask``), a dropped inf or nan gives nan.
-    """
-    if x.dtype == torch.float32:
-        return torch.addcmul(x.new_zeros(()), x, keep, value=scale)
-    return torch.where(keep, x if scale == 1.0 else x * scale, 0)
-
-
-def add_masked_(out: torch.Tensor, x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-    """``out += masked(x, keep)`` in place (fp32: one ``addcmul_`` instead of ``where`` then ``add_``)."""
-    if out.dtype == torch.float32 and x.dtype == torch.float32:
-        return out.addcmul_(x, keep)
-    return out.add_(torch.where(keep, x, 0))
-
-
-def effective_keep(p: float) -> float:
-    """The keep probability :func:`keep_mask` actually applies."""
-    return 1.0 - round(p * 65536) / 65536
 
 
 class _SiblingLora(torch.autograd.Function):

@@ -35,7 +35,7 @@ import torch
 from torch import fx
 from torch.nn import functional as F
 
-from .lora_fused import effective_keep, keep_mask, masked
+from .dropout_mask import effective_keep, keep_mask, masked
 
 aten = torch.ops.aten
 

@@ -6,7 +6,8 @@ import math
 
 import pytest
 import torch
-from adaptc.passes.lora_fused import SIBLINGS_ATTR, effective_keep, keep_mask
+from adaptc.passes.dropout_mask import effective_keep, keep_mask
+from adaptc.passes.lora_fused import SIBLINGS_ATTR
 from torch import nn
 from torch.nn import functional as F
 
