@@ -54,6 +54,8 @@ def timed(fn, *args, **kwargs):
 
 
 def main() -> None:
+    from bench_lora_train import cpu_name
+
     import adaptc
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -86,7 +88,7 @@ def main() -> None:
     header = (
         f"# Compile cost against depth\n\n`python bench/bench_compile.py {' '.join(sys.argv[1:])}`\n\n"
         f"LoRA all-linear r=8, {args.threads} threads. torch {torch.__version__}, Python {platform.python_version()}, "
-        f"{platform.machine()}.\n\n"
+        f"{platform.machine()}, {cpu_name()}.\n\n"
     )
     atomic_write_bytes(Path(args.out), (header + text + "\n").encode())
     print(f"written to {args.out}", file=sys.stderr)

@@ -40,7 +40,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_lora_train import build, interleaved_medians, write_results  # noqa: E402  (the same model builders)
+from bench_lora_train import build, cpu_name, interleaved_medians, write_results  # noqa: E402  (the same model builders)
 
 
 def logits_of(output) -> torch.Tensor:
@@ -147,7 +147,7 @@ def main() -> None:
         f"{args.layers} layers, hidden {args.hidden}, batch {args.batch} x {args.seq}, LoRA all-linear r=16, "
         f"{args.threads} threads (torch and ORT), medians of {args.rounds} interleaved rounds. torch "
         f"{torch.__version__}, onnxruntime {__import__('onnxruntime').__version__}, Python "
-        f"{platform.python_version()}, {platform.machine()}.\n\n"
+        f"{platform.python_version()}, {platform.machine()}, {cpu_name()}.\n\n"
     )
     write_results(args.out, header, text)
 

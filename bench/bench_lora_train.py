@@ -179,6 +179,19 @@ def interleaved_medians(steps: dict[str, Callable[[], object]], rounds: int,
     return {name: statistics.median(t) * 1000 for name, t in times.items()}
 
 
+def cpu_name() -> str:
+    """The CPU's model and the vector extensions that decide these timings (from /proc/cpuinfo on Linux):
+    results from different machines are not comparable, and the header should say which one ran."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return platform.processor() or platform.machine()
+    name = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), platform.machine())
+    flags = next((line.split(":", 1)[1].split() for line in lines if line.startswith("flags")), [])
+    vector = [f for f in ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_tile") if f in flags]
+    return f"{name} ({', '.join(vector)})" if vector else name
+
+
 def write_results(out: str | Path, header: str, text: str) -> None:
     """The table with its header (command line, sizes, versions) to ``out``, atomically."""
     atomic_write_bytes(Path(out), (header + text + "\n").encode())
@@ -335,7 +348,7 @@ def main() -> None:
         f"{args.layers} layers, hidden {args.hidden}, batch {args.batch} x {args.seq} (ViT: {args.image}px), AdamW, "
         f"{args.threads} threads, medians of {args.rounds} interleaved rounds"
         f"{' (thread CPU time)' if args.cpu_time else ''}. torch {torch.__version__}, "
-        f"Python {platform.python_version()}, {platform.machine()} ({platform.processor() or 'cpu'}).\n\n"
+        f"Python {platform.python_version()}, {platform.machine()}, {cpu_name()}.\n\n"
     )
     write_results(args.out, header, text)
 

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_lora_train import build, interleaved_medians, make_floor, make_step, write_results  # noqa: E402
+from bench_lora_train import build, cpu_name, interleaved_medians, make_floor, make_step, write_results  # noqa: E402
 
 TOKENS = 20
 METHODS = {
@@ -93,7 +93,7 @@ def main() -> None:
         f"# Prompt methods: adaptc vs PEFT, training step\n\n`python bench/bench_prompt.py {' '.join(sys.argv[1:])}`\n\n"
         f"{args.layers} layers, hidden {args.hidden}, batch {args.batch} x {args.seq}, {TOKENS} virtual tokens, AdamW, "
         f"{args.threads} threads, medians of {args.rounds} interleaved rounds. torch {torch.__version__}, "
-        f"Python {platform.python_version()}, {platform.machine()}.\n\n"
+        f"Python {platform.python_version()}, {platform.machine()}, {cpu_name()}.\n\n"
     )
     write_results(args.out, header, text)
 

@@ -73,7 +73,7 @@ def main() -> None:
         f"# torch.compile: LoRA training step, adaptc vs PEFT\n\n`python bench/bench_torch_compile.py {' '.join(argv)}`\n\n"
         f"{args.layers} layers, hidden {args.hidden}, batch {args.batch} x {args.seq} (ViT: {args.image}px), {CONFIG}, "
         f"AdamW, {args.threads} threads, medians of {args.rounds} interleaved rounds after the first (compiling) step. "
-        f"torch {torch.__version__}, Python {platform.python_version()}, {platform.machine()}.\n\n"
+        f"torch {torch.__version__}, Python {platform.python_version()}, {platform.machine()}, {lora_train.cpu_name()}.\n\n"
     )
     out = args.out if args.out != lora_train.parse([]).out else str(Path(__file__).with_name("RESULTS-torch-compile.md"))
     lora_train.write_results(out, header, text)

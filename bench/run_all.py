@@ -54,9 +54,10 @@ def main() -> None:
     if args.quick:
         return
     import torch
+    from bench_lora_train import cpu_name
 
     header = (f"# adaptc benchmarks\n\nWritten by `make bench` (`python bench/run_all.py`) on {platform.machine()}, "
-              f"{platform.processor() or 'cpu'}, torch {torch.__version__}, Python {platform.python_version()}. "
+              f"{cpu_name()}, torch {torch.__version__}, Python {platform.python_version()}. "
               "Each section is one script's output, with its command line.\n\n")
     text = header + "\n".join(section.replace("\n# ", "\n## ").replace("# ", "## ", 1) for section in sections)
     from adaptc.atomic import atomic_write_text
