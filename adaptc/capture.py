@@ -30,7 +30,7 @@ from torch.utils import _pytree as pytree
 
 from . import rewrites
 from .errors import CaptureError, InputError
-from .inputs import Inputs, check_has_tensor, normalize_inputs
+from .inputs import Inputs, check_has_tensor, contiguous_call, normalize_inputs
 
 GraphHook = Callable[["CapturedGraphModule"], None]
 
@@ -233,7 +233,12 @@ class _RunsEagerly(Exception):
 
 
 def capture_graph(model: nn.Module, inputs: Inputs, training: bool) -> tuple[torch.fx.GraphModule, str]:
-    """Capture ``model`` in one training mode; returns the graph module and how it was captured."""
+    """Capture ``model`` in one training mode; returns the graph module and how it was captured.
+
+    The capture traces dense copies of the inputs (:meth:`Inputs.dense`), so the graph depends on
+    no view or stride of them; CapturedGraphModule makes every call's inputs contiguous to match.
+    """
+    inputs = inputs.dense()
     failures = []
     for how, attempt in (
         # An eager call first: export and fx can accept inputs the model rejects (dtype mismatches).
@@ -316,6 +321,10 @@ def _graph_attributes(model: nn.Module, gm: torch.fx.GraphModule, prefix: str) -
     return attrs
 
 
+def _contiguous_inputs(_module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    return contiguous_call(args, kwargs)
+
+
 class CapturedGraphModule(torch.fx.GraphModule):
     """A captured model: a GraphModule with one graph per training mode.
 
@@ -330,6 +339,7 @@ class CapturedGraphModule(torch.fx.GraphModule):
         """Capture ``model``; ``around()``, when given, is a context entered around every capture of it
         (capture-time edits: hooks that add virtual tokens, adapter modules the hooks read)."""
         around = around or contextlib.nullcontext
+        inputs = inputs.dense()  # kept for capturing the other mode: holds no view of the caller's batch
         with around():
             gm, how = capture_graph(model, inputs, training)
             attrs = _graph_attributes(model, gm, cls._prefix(training))
@@ -343,6 +353,9 @@ class CapturedGraphModule(torch.fx.GraphModule):
         self._adaptc_hooks: list[GraphHook] = []
         self._adaptc_active = training
         self.training = training
+        # The graph was traced on contiguous tensors (capture_graph): a strided input (a slice of a
+        # batch, channels-last images) is made contiguous first, as the traced ops expect.
+        self.register_forward_pre_hook(_contiguous_inputs, with_kwargs=True)
         if how == "export-static":
             warnings.warn(
                 f"adaptc: {type(model).__name__} captured with static shapes {inputs.describe()}; "

@@ -32,6 +32,20 @@ class Inputs:
         order = [k for k in other.kwargs if k in self.kwargs] + [k for k in self.kwargs if k not in other.kwargs]
         return Inputs(self.args, {k: self.kwargs[k] for k in order})
 
+    def dense(self) -> Inputs:
+        """The same inputs with every tensor a contiguous tensor of its own (not a view).
+
+        torch.export specialises a graph on the layout of the tensors it traces: a slice of a batch
+        gives guards on the view's base (a later contiguous input then fails them), and a
+        ``reshape`` traced on a contiguous tensor becomes a ``view`` that strided inputs break. So
+        graphs are captured from dense copies and called with contiguous inputs (see capture.py).
+        """
+        leaves, spec = pytree.tree_flatten((self.args, self.kwargs))
+        if not any(isinstance(leaf, torch.Tensor) and not is_dense(leaf) for leaf in leaves):
+            return self
+        args, kwargs = pytree.tree_unflatten([_densify(leaf) for leaf in leaves], spec)
+        return Inputs(tuple(args), dict(kwargs))
+
     def structure_key(self) -> tuple:
         """What a captured graph is specialised on: nesting, tensor dtypes and ranks, other values."""
         ordered = Inputs(self.args, dict(sorted(self.kwargs.items())))
@@ -42,6 +56,26 @@ class Inputs:
         parts = [_describe_leaf(a) for a in self.args]
         parts += [f"{k}={_describe_leaf(v)}" for k, v in self.kwargs.items()]
         return "(" + ", ".join(parts) + ")"
+
+
+def is_dense(tensor: torch.Tensor) -> bool:
+    """Contiguous, and not a view of a larger tensor."""
+    return tensor._base is None and tensor.is_contiguous()
+
+
+def _densify(leaf: Any) -> Any:
+    if isinstance(leaf, torch.Tensor) and not is_dense(leaf):
+        return leaf.clone(memory_format=torch.contiguous_format)
+    return leaf
+
+
+def contiguous_call(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """``args`` and ``kwargs`` with every tensor contiguous (a copy only where one is not)."""
+
+    def fix(leaf: Any) -> Any:
+        return leaf.contiguous() if isinstance(leaf, torch.Tensor) else leaf
+
+    return tuple(pytree.tree_map(fix, list(args))), pytree.tree_map(fix, kwargs)
 
 
 def _leaf_key(leaf: Any) -> tuple:
@@ -72,22 +106,22 @@ def normalize_inputs(example_inputs: Any, *, what: str = "example_inputs") -> In
             "of a typical call, e.g. example_inputs={'input_ids': ids} or example_inputs=(images,)"
         )
     if isinstance(example_inputs, Inputs):
-        return example_inputs
+        return example_inputs.dense()
     if isinstance(example_inputs, torch.Tensor):
-        return Inputs((example_inputs,), {})
+        return Inputs((example_inputs,), {}).dense()
     if isinstance(example_inputs, Mapping):
         bad = [k for k in example_inputs if not isinstance(k, str)]
         if bad:
             raise InputError(f"{what}: keyword input names must be strings, got {bad!r}")
-        return Inputs((), dict(example_inputs))
+        return Inputs((), dict(example_inputs)).dense()
     if isinstance(example_inputs, (tuple, list)):
         if (
             len(example_inputs) == 2
             and isinstance(example_inputs[0], (tuple, list))
             and isinstance(example_inputs[1], Mapping)
         ):
-            return Inputs(tuple(example_inputs[0]), dict(example_inputs[1]))
-        return Inputs(tuple(example_inputs), {})
+            return Inputs(tuple(example_inputs[0]), dict(example_inputs[1])).dense()
+        return Inputs(tuple(example_inputs), {}).dense()
     raise InputError(
         f"{what} must be a dict of keyword inputs, a tuple of positional inputs, a tensor or "
         f"(args, kwargs); got {type(example_inputs).__name__}"
