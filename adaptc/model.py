@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import inspect
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -11,6 +12,7 @@ from typing import Any
 
 from torch import nn
 
+from . import base_guard
 from .capture import CapturedGraphModule
 from .errors import AdaptcError, ConfigError
 from .inputs import Inputs
@@ -239,6 +241,21 @@ class AdaptedModel(nn.Module):
 
     activation_checkpointing_enable = gradient_checkpointing_enable
 
+    def generate(self, *args: Any, **kwargs: Any) -> Any:
+        """transformers' ``generate`` (GenerationConfig: greedy, sampling, beams, stopping criteria,
+        streamers) for a decoder-only transformers model, every step through the adapted model.
+
+        No key/value cache yet: each step runs the whole sequence (see :mod:`adaptc.base_guard`).
+        For a causal LM not from transformers use :func:`adaptc.generate`.
+        """
+        return base_guard.generate(self, *args, **kwargs)
+
+    def _adapters_apply(self) -> bool:
+        """Whether a call computes anything other than the base model (an active, enabled adapter)."""
+        return bool(self._edits_in_force()) or any(
+            getattr(layer, "active", False) for layers in self.adapters.values() for layer in layers.values()
+        )
+
     def load_adapter(self, directory: str | os.PathLike, adapter_name: str = "default") -> None:
         """Add a saved LoRA adapter (adaptc's or PEFT's) under ``adapter_name`` and make it the active one."""
         from .checkpoint import load_into
@@ -363,9 +380,13 @@ class AdaptedModel(nn.Module):
             if base is None:
                 raise
             try:
-                return getattr(base, name)
+                value = getattr(base, name)
             except AttributeError:
                 raise AttributeError(f"{type(self).__name__} and its base model have no attribute {name!r}") from None
+            if inspect.ismethod(value) and isinstance(value.__self__, nn.Module):
+                # A base-model method that runs the base model's modules would skip the adapters: it raises instead.
+                return base_guard.guarded(value, name, self._adapters_apply, base)
+            return value
 
     def extra_repr(self) -> str:
         return f"adapters={list(self.adapters)}, active={self._active}"

@@ -1,0 +1,127 @@
+"""Keep calls that reach the base model from skipping the adapters.
+
+An AdaptedModel looks up what it lacks on its base model (``am.config``, ``am.get_input_embeddings()``).
+A method found there that runs the base model's modules (``generate``, timm's ``forward_features``,
+wav2vec2's ``extract_features``) would compute the *unadapted* model, silently. Two tools:
+
+- :func:`guarded`: the base model's bound method, wrapped so that any of the base model's modules
+  running inside it while adapters apply raises :class:`AdaptcError` naming the call.
+- :func:`generate`: transformers' ``generate`` (its whole GenerationConfig: sampling, beams, stopping
+  criteria, streamers) with every model call routed through the adapted graphs. No key/value cache:
+  each step runs the whole sequence through the adapted model (prompt and prefix methods edit what
+  a cache would hold), so generating costs quadratic time in the length.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import inspect
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+from torch import nn
+
+from .errors import AdaptcError
+
+# Generation keywords the adapted graphs do not take: the cache is off, and the graphs return every
+# position's logits (generate reads the last) in the model's own output structure.
+_STEP_KEYWORDS_DROPPED = ("cache", "past_key_values", "use_cache", "return_dict", "cache_position", "logits_to_keep")
+
+
+class _BaseModules:
+    """While entered, any forward of ``model``'s modules raises unless :meth:`allowed` is in force."""
+
+    def __init__(self, model: nn.Module, what: str, *, redirected: nn.Module | None = None) -> None:
+        # ``redirected``: a module whose forward was routed through the adapters; calling it is fine.
+        self._ids = {id(m): name for name, m in model.named_modules() if m is not redirected}
+        self._what = what
+        self._allowed = 0
+
+    @contextlib.contextmanager
+    def allowed(self) -> Iterator[None]:
+        self._allowed += 1
+        try:
+            yield
+        finally:
+            self._allowed -= 1
+
+    def _check(self, module: nn.Module, _args: Any) -> None:
+        if self._allowed:
+            return
+        name = self._ids.get(id(module))
+        if name is not None:
+            where = f"its module {name!r}" if name else "its forward"
+            raise AdaptcError(
+                f"{self._what} runs the base model ({where}) without the adapters. Call the adapted model "
+                "(am(...)), fold LoRA adapters in with am.merge() and call that model, or run it inside "
+                "`with am.disable_adapters():` when the base model is what you want"
+            )
+
+    @contextlib.contextmanager
+    def watching(self) -> Iterator[None]:
+        handle = nn.modules.module.register_module_forward_pre_hook(self._check)
+        try:
+            yield
+        finally:
+            handle.remove()
+
+
+def guarded(method: Callable, name: str, adapters_apply: Callable[[], bool], base: nn.Module) -> Callable:
+    """``method`` (of the base model or one of its modules) failing loudly if it runs the base model's
+    modules while ``adapters_apply()``; with the adapters off it runs as it is."""
+
+    @functools.wraps(method)
+    def call(*args: Any, **kwargs: Any) -> Any:
+        if not adapters_apply():
+            return method(*args, **kwargs)
+        with _BaseModules(base, f"am.{name}()").watching():
+            return method(*args, **kwargs)
+
+    return call
+
+
+def generate(am: Any, *args: Any, **kwargs: Any) -> Any:
+    """``base_model.generate(*args, **kwargs)`` with each model call running the adapted graphs."""
+    base = am.base_model
+    if not callable(getattr(base, "generate", None)):
+        raise AdaptcError(
+            f"{type(base).__name__} has no generate(); for a causal LM of your own use "
+            "adaptc.generate(am, input_ids, max_new_tokens=...) (greedy, any method)"
+        )
+    if getattr(getattr(base, "config", None), "is_encoder_decoder", False):
+        raise AdaptcError(
+            f"am.generate() runs decoder-only models; {type(base).__name__} is an encoder-decoder model, whose "
+            "generate() calls its encoder directly. Merge LoRA adapters (am.merge()) and call generate() on that model"
+        )
+    if kwargs.get("past_key_values") is not None or kwargs.get("cache") is not None:
+        raise AdaptcError("am.generate() keeps no key/value cache: pass no past_key_values / cache")
+    kwargs["use_cache"] = False
+    watch = _BaseModules(base, "am.generate()", redirected=base)
+    signature = inspect.signature(base.forward)
+
+    def step(*step_args: Any, **step_kwargs: Any) -> Any:
+        bound = signature.bind_partial(*step_args, **step_kwargs).arguments
+        extra = bound.pop("kwargs", None) or {}  # a **kwargs parameter collects the rest
+        inputs = {**bound, **extra}
+        if inputs.get("cache") is not None or inputs.get("past_key_values") is not None:
+            raise AdaptcError("am.generate() got a key/value cache from transformers; it runs without one")
+        inputs = {
+            k: v for k, v in inputs.items()
+            if k not in _STEP_KEYWORDS_DROPPED and v is not None and v is not False
+        }
+        del base.forward  # the class's forward again while the adapted graphs run (and capture)
+        try:
+            with watch.allowed():
+                return am(**inputs)
+        finally:
+            base.forward = step
+
+    step.__signature__ = signature  # generate reads the forward's parameters (position_ids, ...)
+    base.forward = step
+    try:
+        with watch.watching(), torch.no_grad():
+            return base.generate(*args, **kwargs)
+    finally:
+        base.__dict__.pop("forward", None)
