@@ -271,6 +271,8 @@ def plan_load(am: Any, ckpt: Checkpoint) -> tuple[LoraConfig, dict[str, _SitePla
     for module, params in by_module.items():
         site = sites[module]
         rank = file_lora.rank(module)
+        scaling = file_lora.scaling(module, rank)  # PEFT's alpha / r with the stated r, whatever the tensors hold
+        rank = _stored_rank(site, rank, params, ckpt.config, file_lora.use_dora)
         if site.kind == "embedding" and file_lora.use_dora:
             raise CheckpointError(f"{ckpt.weights_path}: DoRA on the embedding {module}; adaptc has DoRA on linear and conv only")
         groups = conv_groups(site)
@@ -285,18 +287,28 @@ def plan_load(am: Any, ckpt: Checkpoint) -> tuple[LoraConfig, dict[str, _SitePla
                     f"{ckpt.weights_path}: {key_for(module, param)} has shape {list(params[param].shape)}, but "
                     f"{module} ({site.kind}, weight {site.shapes()}) with r={rank} needs {list(shape)}"
                 )
-        if rank // groups > site.max_rank():
-            raise CheckpointError(
-                f"{ckpt.config_path}: r={rank // groups} at {module} exceeds the rank adaptc allows for a "
-                f"{site.kind} weight {site.shapes()} ({site.max_rank()})"
-            )
+        # A rank above site.max_rank() is loaded as it is: PEFT allows it (the update is rank-deficient).
         if not missing and not extra:
             tensors = from_peft(site, params, key_for(module, "lora_A"))
-            plans[module] = _SitePlan(site, rank // groups, file_lora.scaling(module, rank), tensors)
+            plans[module] = _SitePlan(site, rank // groups, scaling, tensors)
     if missing or extra:
         detail = "; ".join(f"{what}: {_few(keys)}" for what, keys in (("missing", missing), ("unexpected", extra)) if keys)
         raise CheckpointError(f"{ckpt.weights_path} does not match its config {ckpt.config_path.name} ({detail})")
     return _config_for(am, ckpt, file_lora, plans), plans
+
+
+def _stored_rank(site: Any, rank: int, params: dict[str, torch.Tensor], config: dict, use_dora: bool) -> int:
+    """The rank of the tensors stored for ``site``: the stated ``rank``, except after PEFT's PiSSA-like inits.
+
+    Where r is above the rank of a linear weight, PEFT's SVD / QR inits (pissa, olora) give A and
+    B only ``site.max_rank()`` rows / columns and leave r, and the scale alpha / r, as stated.
+    """
+    if site.kind != "linear" or rank <= site.max_rank() or residual_init(config) is None:
+        return rank
+    short = peft_shapes(site, site.max_rank(), use_dora)
+    if all(param in params and tuple(params[param].shape) == shape for param, shape in short.items()):
+        return site.max_rank()
+    return rank
 
 
 def _group_keys(ckpt: Checkpoint) -> dict[str, dict[str, torch.Tensor]]:
@@ -406,7 +418,7 @@ def _uses_dora(plans: dict[str, _SitePlan]) -> bool:
 
 def _warn(message: str) -> None:
     """A UserWarning attributed to the caller's line outside adaptc (Python 3.11 lacks skip_file_prefixes)."""
-    frame, level, package = sys._getframe(1), 1, os.path.dirname(__file__) + os.sep
+    frame, level, package = sys._getframe(1), 2, os.path.dirname(__file__) + os.sep  # 2: _warn's caller
     while frame is not None and frame.f_code.co_filename.startswith(package):
         frame, level = frame.f_back, level + 1
     warnings.warn(message, UserWarning, stacklevel=level)
@@ -424,6 +436,7 @@ def load_into(am: Any, directory: str | os.PathLike, adapter_name: str = DEFAULT
 
 
 def _load_checkpoint(am: Any, ckpt: Checkpoint, adapter_name: str) -> None:
+    from adaptc.passes.lora import RankDeficientWarning
     from adaptc.passes.sites import site_key
 
     from . import prompt_checkpoint
@@ -445,7 +458,10 @@ def _load_checkpoint(am: Any, ckpt: Checkpoint, adapter_name: str) -> None:
             "weights when it was trained; it reproduces the trained model only on that changed base model"
         )
     # From here the model changes; everything that can be wrong with the checkpoint was checked above.
-    am.add_adapter(adapter_name, config)
+    with warnings.catch_warnings():
+        # A rank above what a weight allows is a choice made when the adapter was trained: load it quietly.
+        warnings.simplefilter("ignore", RankDeficientWarning)
+        am.add_adapter(adapter_name, config)
     layers = am.adapters[adapter_name]
     if set(layers) != {site_key(name) for name in plans}:  # cannot happen if plan_load and select agree
         am.delete_adapter(adapter_name)

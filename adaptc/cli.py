@@ -175,6 +175,10 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[Any]], right: Sequence
     return "\n".join([line(cells[0]), rule] + [line(row) for row in cells[1:]])
 
 
+def _few(names: Sequence[str], n: int = 4) -> str:
+    return ", ".join(names[:n]) + (f" and {len(names) - n} more" if len(names) > n else "")
+
+
 def _in_out(site: Any) -> str:
     return f"{site.in_features}->{site.out_features}"
 
@@ -186,7 +190,7 @@ def _n(value: int) -> str:
 # --- commands -----------------------------------------------------------------------------------
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from adaptc.passes.lora import lora_param_count
+    from adaptc.passes.lora import lora_param_count, rank_deficient, rank_error
     from adaptc.passes.selection import matches
 
     if make_config(args.method, {}).method != "lora":  # an unknown method fails before the model is built
@@ -203,15 +207,18 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         print("no linear, conv or embedding op found: LoRA has nothing to adapt in this model")
         return 0
 
-    rows, added_all, added_linear = [], 0, 0
+    rows, added_all, added_linear, deficient = [], 0, 0, []
     for site in sites:
-        if args.r <= site.max_rank():
+        if rank_error(site, args.r) is None:
             added = lora_param_count(site, args.r)
             added_all += added
             added_linear += added if matches("all-linear", site) else 0
             lora = _n(added)
+            if rank_deficient(site, args.r):  # allowed, as in PEFT; the update's rank is capped by the weight
+                deficient.append(site.name)
+                lora += f" (rank {site.max_rank()})"
         else:
-            lora = f"- (max r {site.max_rank()})"  # inject would refuse this rank here
+            lora = "- (r too large)"  # inject would refuse this rank here
         rows.append([
             site.name, site.kind, site.op, site.shapes(), _in_out(site),
             "" if site.layer is None else site.layer, "head" if site.is_head else "", lora,
@@ -229,10 +236,17 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         f"{_n(added_linear)} on all-linear (the default targets; trainable% "
         f"{100 * TrainableSummary(added_linear, total + added_linear).fraction:.4f})"
     )
+    if deficient:
+        print(
+            f"note: r={args.r} is above the rank of the weight at {len(deficient)} site(s) ({_few(deficient)}): "
+            "LoRA works there (as in PEFT), but its update has only the rank shown"
+        )
     if args.plot is not None:
         from .plot import sites_plot
 
-        plotted = [(s.name, s.kind, s.layer, lora_param_count(s, args.r) if args.r <= s.max_rank() else 0) for s in sites]
+        plotted = [
+            (s.name, s.kind, s.layer, lora_param_count(s, args.r) if rank_error(s, args.r) is None else 0) for s in sites
+        ]
         title = f"{type(model).__name__}: rank-{args.r} LoRA parameters per site ({_n(added_all)} on every site)"
         print(f"plot written to {sites_plot(plotted, args.plot, title)}")
     return 0

@@ -9,6 +9,9 @@ op stays in the graph untouched, so the frozen path is exactly the base model's.
 from __future__ import annotations
 
 import math
+import os
+import sys
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -46,6 +49,45 @@ def lora_shapes(site: Site, r: int, use_dora: bool = False) -> dict[str, tuple[i
 def lora_param_count(site: Site, r: int, use_dora: bool = False) -> int:
     """How many parameters a rank-``r`` LoRA (with DoRA, its magnitude too) adds at ``site``."""
     return sum(math.prod(shape) for shape in lora_shapes(site, r, use_dora).values())
+
+
+# A rank above a site's max_rank() only adds parameters; past this many at one site it is a typo
+# (r=10**9), not a choice, and allocating it would exhaust memory.
+MAX_SITE_PARAMS = 2**31
+
+
+class RankDeficientWarning(UserWarning):
+    """A LoRA rank above what the site's weight can take: valid (PEFT allows it), but the update is rank-deficient."""
+
+
+def rank_deficient(site: Site, r: int) -> bool:
+    """Whether ``B A`` at ``site`` has rank below ``r`` whatever A and B hold (r > min of the weight's dims)."""
+    return r > site.max_rank()
+
+
+def rank_error(site: Site, r: int, init: str = "default") -> str | None:
+    """Why a rank-``r`` LoRA cannot go at ``site`` (None when it can).
+
+    A rank above ``site.max_rank()`` can: PEFT allows it, and the update then has rank
+    ``max_rank()`` at most. It cannot with ``init="pissa"``, which moves the top-r singular
+    directions of the weight into A and B (PEFT silently makes A and B smaller than ``r`` there,
+    so its config no longer states their shapes), nor where the adapter would be absurdly large.
+    """
+    if not rank_deficient(site, r):
+        return None
+    hint = f"lower r or set rank_pattern={{{site.name.rsplit('.', 1)[-1]!r}: ...}}"
+    if init == "pissa" and site.kind == "linear":  # (embeddings ignore it; convs refuse it)
+        return (
+            f"r={r} is larger than {site.name} allows with init='pissa': PiSSA takes the top-r singular "
+            f"directions of its {site.kind} weight {site.shapes()}, which has {site.max_rank()}; {hint}"
+        )
+    count = lora_param_count(site, r)
+    if count > MAX_SITE_PARAMS:
+        return (
+            f"r={r} is larger than {site.name} allows: its {site.kind} weight {site.shapes()} has rank at most "
+            f"{site.max_rank()}, and a rank-{r} LoRA there would add {count:,} parameters; {hint}"
+        )
+    return None
 
 
 class LoraLayer(nn.Module):
@@ -178,15 +220,19 @@ class LoraLayer(nn.Module):
 # --- the pass ----------------------------------------------------------------------------------
 
 def build_layers(sites: list[Site], config: LoraConfig, model: nn.Module) -> dict[str, LoraLayer]:
-    """Create and initialise one LoraLayer per selected site; checks ranks first."""
+    """Create and initialise one LoraLayer per selected site; checks ranks first.
+
+    A rank above a site's ``max_rank()`` is allowed, as in PEFT, with one
+    :class:`RankDeficientWarning` naming those sites.
+    """
     ranks = {}
     for site in sites:
         r = config.rank_for(site.name)
-        if r > site.max_rank():
-            raise ConfigError(
-                f"r={r} is larger than {site.name} allows ({site.kind} weight {site.shapes()}, "
-                f"at most {site.max_rank()}); lower r or set rank_pattern={{{site.name.rsplit('.', 1)[-1]!r}: ...}}"
-            )
+        problem = rank_error(site, r, config.init)
+        if problem is not None:
+            raise ConfigError(problem)
+        if config.init == "pissa" and site.kind == "conv":  # here, before PiSSA changes any weight
+            raise ConfigError(f"init='pissa' is supported on linear sites only; {site.name} is a conv")
         ranks[site.name] = r
     params = dict(model.named_parameters(remove_duplicate=False))
     for site in sites:
@@ -195,6 +241,17 @@ def build_layers(sites: list[Site], config: LoraConfig, model: nn.Module) -> dic
                 f"{site.name} has a quantized (or integer) weight: DoRA and init='pissa' need the full-precision "
                 "weight; use plain LoRA on a quantized base"
             )
+    deficient = [site for site in sites if rank_deficient(site, ranks[site.name])]
+    if deficient:
+        named = ", ".join(
+            f"{s.name} (r={ranks[s.name]}, {s.kind} weight {s.shapes()}: rank at most {s.max_rank()})"
+            for s in deficient[:4]
+        ) + (f" and {len(deficient) - 4} more" if len(deficient) > 4 else "")
+        _warn(
+            f"the LoRA rank is above what the weight allows at {len(deficient)} site(s), so the update B A there is "
+            f"rank-deficient (valid, as in PEFT; the extra rank adds parameters but no capacity): {named}",
+            RankDeficientWarning,
+        )
     layers = {}
     for site in sites:
         layer = LoraLayer(
@@ -206,6 +263,17 @@ def build_layers(sites: list[Site], config: LoraConfig, model: nn.Module) -> dic
         site.params_added = sum(p.numel() for p in layer.parameters())
         layers[site.name] = layer
     return layers
+
+
+def _warn(message: str, category: type[Warning]) -> None:
+    """A warning attributed to the first caller outside adaptc (its front end and its passes)."""
+    import adaptc
+
+    inside = tuple(os.path.dirname(f) + os.sep for f in (adaptc.__file__, __file__))
+    frame, level = sys._getframe(1), 2  # stacklevel 2 is the frame that called _warn
+    while frame is not None and frame.f_code.co_filename.startswith(inside):
+        frame, level = frame.f_back, level + 1
+    warnings.warn(message, category, stacklevel=level)
 
 
 def insert(gm: fx.GraphModule, model: nn.Module, layers: dict[str, LoraLayer], prefix: str) -> int:

@@ -61,6 +61,10 @@ class Site:
         return self.kind == "linear" or self.is_pointwise_conv
 
     def max_rank(self) -> int:
+        """The highest rank a LoRA update here can have (per group on a conv).
+
+        A larger r is allowed, as in PEFT: the update is then rank-deficient (passes/lora.py).
+        """
         if self.kind == "conv":
             groups = self.conv["groups"]
             kernel = 1

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
+import warnings
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
@@ -19,6 +20,7 @@ import torch
 from adaptc.config import LoraConfig
 from adaptc.errors import ConfigError
 
+from .lora import RankDeficientWarning
 from .sites import site_key
 
 if TYPE_CHECKING:
@@ -86,7 +88,10 @@ def add_weighted_adapter(
         rslora=False,  # scale 1 exactly (PEFT keeps use_rslora, which would scale by sqrt(r))
     )
     before = am.active_adapters
-    am.add_adapter(adapter_name, config)  # validates everything before changing the model
+    with warnings.catch_warnings():
+        if svd_rank is None:  # a rank the sources imply (cat: their sum) may exceed a weight's: valid, as in PEFT
+            warnings.simplefilter("ignore", RankDeficientWarning)
+        am.add_adapter(adapter_name, config)  # validates everything before changing the model
     try:
         with torch.no_grad():
             for name in names:

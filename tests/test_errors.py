@@ -56,7 +56,9 @@ X = torch.randn(2, 5, 8)
         ({"r": 0}, adaptc.ConfigError, ["r must be a positive integer", "0"]),
         ({"r": -3}, adaptc.ConfigError, ["positive integer"]),
         ({"r": 2.5}, adaptc.ConfigError, ["positive integer"]),
-        ({"r": 9, "targets": ["q_proj"]}, adaptc.ConfigError, ["r=9", "q_proj", "at most 8"]),
+        # r above a weight's rank is valid (as in PEFT), but not with PiSSA, nor absurdly large.
+        ({"r": 9, "targets": ["q_proj"], "init": "pissa"}, adaptc.ConfigError, ["r=9", "q_proj", "pissa", "has 8"]),
+        ({"r": 10**9, "targets": ["q_proj"]}, adaptc.ConfigError, ["r=1000000000", "q_proj", "at most 8"]),
         ({"targets": "(unclosed"}, adaptc.ConfigError, ["not a valid regular expression", "(unclosed"]),
         ({"targets": []}, adaptc.ConfigError, ["empty list"]),
         ({"targets": 3}, adaptc.ConfigError, ["targets must be"]),
