@@ -3,14 +3,13 @@ files, int8 quantization, and the small measurements the export report carries.
 
 Fusions come from ``onnxscript.rewriter.ort_fusions``: ``onnxruntime.transformers``'
 ``optimize_model`` does not fuse attention in dynamo exports (and crashes on GPT-2; see
-DESIGN.md). ORT's own optimizer then runs at the *extended* level and its result is saved:
+docs/export.md). ORT's own optimizer then runs at the *extended* level and its result is saved:
 that level's fusions are portable, whereas the *all* level adds layout changes specific to
 the machine that ran it.
 """
 
 from __future__ import annotations
 
-import os
 import statistics
 import time
 from collections import Counter
@@ -51,6 +50,7 @@ def _fuse(model: ir.Model, rope: bool) -> tuple[ir.Model, dict[str, int]]:
 
     from .flat_gemm import unflatten_gemms
     from .linear_rules import prefiltered_default_rules
+    from .mha_bias import true_bias_mha
     from .rope_angles import expand_rotary_positions, rope_angles_as_matmul
 
     quiet = logging.getLogger("onnx_ir")
@@ -61,7 +61,9 @@ def _fuse(model: ir.Model, rope: bool) -> tuple[ir.Model, dict[str, int]]:
         if rope:
             rope_angles_as_matmul(model)  # RoPE angles in the spelling the rotary fusion matches
         inputs = list(model.graph.inputs)
-        with prefiltered_default_rules():  # onnxscript's multi-output matcher is quadratic otherwise
+        # prefiltered: onnxscript's multi-output matcher is quadratic otherwise; true_bias_mha: its MHA bias
+        # fusion would take an unmerged LoRA's per-token delta for the attention's 1-D bias
+        with prefiltered_default_rules(), true_bias_mha():
             model, counts = optimize_for_ort(model)
         _restore_inputs(model, inputs)
         expand_rotary_positions(model)
@@ -204,10 +206,6 @@ def median_ms(fn: Callable[[], object], runs: int, budget_s: float = 2.0) -> flo
         if time.perf_counter() - start > budget_s:
             break
     return 1000 * statistics.median(times)
-
-
-def file_sizes(paths: Sequence[Path]) -> dict[str, int]:
-    return {str(p): os.path.getsize(p) for p in paths}
 
 
 def _first_line(exc: BaseException) -> str:

@@ -22,6 +22,8 @@ from transformers import (
     GPT2LMHeadModel,
     LlamaConfig,
     LlamaForCausalLM,
+    OPTConfig,
+    OPTForCausalLM,
     ViTConfig,
     ViTForImageClassification,
     Wav2Vec2Config,
@@ -47,6 +49,18 @@ def gpt2() -> GPT2LMHeadModel:
 
 def gpt2_inputs(batch: int = 2, length: int = 8) -> dict:
     return {"input_ids": torch.randint(0, VOCAB, (batch, length)), "use_cache": False}
+
+
+def opt() -> OPTForCausalLM:
+    config = OPTConfig(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, ffn_dim=128,
+                       max_position_embeddings=64, word_embed_proj_dim=64)
+    return OPTForCausalLM(config).eval()
+
+
+def bert() -> BertForSequenceClassification:
+    config = BertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                        intermediate_size=64, max_position_embeddings=32, num_labels=3)
+    return BertForSequenceClassification(config).eval()
 
 
 def session_outputs(path: str, feeds: dict, adapters: list[str] = ()) -> list[np.ndarray]:
@@ -114,9 +128,7 @@ def test_int8_model_is_written_and_close(gpt2_export):
 def test_merged_export_bert_and_resnet(case, tmp_path):
     torch.manual_seed(0)
     if case == "bert":
-        config = BertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                            intermediate_size=64, max_position_embeddings=32, num_labels=3)
-        model = BertForSequenceClassification(config).eval()
+        model = bert()
         inputs = {"input_ids": torch.randint(0, VOCAB, (2, 8)), "attention_mask": torch.ones(2, 8, dtype=torch.long)}
     else:
         model = timm.create_model("resnet18", pretrained=False, num_classes=10).eval()
@@ -203,6 +215,44 @@ def test_unmerged_adapters_equal_their_merged_exports_and_base(tmp_path):
         base = model(input_ids=torch.from_numpy(feeds["input_ids"]), use_cache=False).logits
     np.testing.assert_allclose(plain, base.numpy(), atol=1e-4, rtol=0)
     assert np.abs(swapped - plain).max() > 1e-3
+
+
+@pytest.mark.parametrize("case", ["opt", "bert"])
+def test_unmerged_lora_on_biased_qkv_is_not_fused_as_the_attention_bias(case, tmp_path):
+    """q/k/v projections with a bias whose Adds feed attention directly (OPT, BERT, BART, ViT, CLIP ...): unmerged,
+    each is ``Add(x @ W + b, lora_delta)``, and onnxscript's MHA bias fusion took the [batch, seq, D] delta for
+    the 1-D bias, so ORT failed at run time ("Input 'bias' is expected to have 1 dimension, got 3");
+    targets/mha_bias.py lets it take only true biases."""
+    torch.manual_seed(0)
+    model = opt() if case == "opt" else bert()
+    am = adaptc.inject(model, "lora", example_inputs={"input_ids": torch.randint(0, VOCAB, (2, 8))},
+                       targets="all-linear", r=4)
+    randomize(am)  # lora_B nonzero: the adapter changes the outputs
+    report = adaptc.export_onnx(am, tmp_path / "u.onnx", merge=False, latency_runs=1)
+    assert not any("skipped" in name for name in report.fusions), report.fusions
+    assert report.fused_ops.get("MultiHeadAttention") == 2, report.fused_ops
+
+    ids = torch.randint(0, VOCAB, (3, 6))  # neither the capture's batch nor its length
+    (adapted,) = session_outputs(str(tmp_path / "u.onnx"), {"input_ids": ids.numpy()}, [report.adapters["default"]])
+    (plain,) = session_outputs(str(tmp_path / "u.onnx"), {"input_ids": ids.numpy()})
+    am.eval()
+    with torch.no_grad():
+        expected = am(input_ids=ids).logits.numpy()
+        base = model(input_ids=ids).logits.numpy()
+    np.testing.assert_allclose(adapted, expected, atol=1e-4, rtol=0)
+    np.testing.assert_allclose(plain, base, atol=1e-4, rtol=0)
+    assert np.abs(expected - base).max() > 1e-3
+
+
+def test_merged_opt_still_fuses_its_true_qkv_bias(tmp_path):
+    """The guard refuses per-token addends only: a merged export's 1-D q/k/v biases still go into the attention."""
+    torch.manual_seed(0)
+    am = adaptc.inject(opt(), "lora", example_inputs={"input_ids": torch.randint(0, VOCAB, (2, 8))},
+                       targets="all-linear", r=4)
+    randomize(am)
+    report = adaptc.export_onnx(am, tmp_path / "m.onnx", latency_runs=1)
+    assert report.fusions.get("mha_bias") == 2, report.fusions
+    assert report.parity_max_abs_diff <= 1e-4
 
 
 # --- bad input: clear errors, no files left -------------------------------------------------------
