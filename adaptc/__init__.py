@@ -7,9 +7,8 @@ passes that match ops rather than module names, train them, and lower the result
 import os
 from typing import Any
 
-from .api import inject, inspect_sites
+from .api import inject, inspect_sites, load_adapter
 from .capture import CapturedGraphModule, capture
-from .checkpoint import load_adapter
 from .config import LoraConfig, PrefixConfig, PromptConfig, PTuningConfig
 from .errors import (
     AdaptcError,
@@ -23,9 +22,11 @@ from .errors import (
     TrainingError,
 )
 from .generate import generate
+from .methods import Method, available_methods, register_method
 from .model import AdaptedModel
 from .passes.quantize import QuantConfig, quantize_model
 from .train import TrainConfig, TrainResult, evaluate, train
+from .version import __version__
 
 
 def export_onnx(
@@ -48,11 +49,12 @@ def export_onnx(
     return _export(am, path, example_inputs=example_inputs, merge=merge, optimize=optimize, opset=opset,
                    quantize=quantize, **options)
 
-__version__ = "0.1.0"
 
 __all__ = [
+    "__version__",
     "AdaptcError",
     "AdaptedModel",
+    "Method",
     "CaptureError",
     "CapturedGraphModule",
     "CheckpointError",
@@ -68,6 +70,7 @@ __all__ = [
     "TrainConfig",
     "TrainResult",
     "TrainingError",
+    "available_methods",
     "capture",
     "evaluate",
     "export_onnx",
@@ -77,5 +80,6 @@ __all__ = [
     "load_adapter",
     "QuantConfig",  # QLoRA (adaptc.passes.quantize)
     "quantize_model",
+    "register_method",
     "train",
 ]

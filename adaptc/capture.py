@@ -371,10 +371,7 @@ class CapturedGraphModule(torch.fx.GraphModule):
     @property
     def captured_with(self) -> dict[str, str]:
         """How each captured mode was captured: 'export', 'export-static' or 'fx'."""
-        return {("train" if mode else "eval"): how for mode, how in self._adaptc_graphs_how().items()}
-
-    def _adaptc_graphs_how(self) -> dict[bool, str]:
-        return self._adaptc_how
+        return {("train" if mode else "eval"): how for mode, how in self._adaptc_how.items()}
 
     def train(self, mode: bool = True) -> CapturedGraphModule:
         super().train(mode)

@@ -13,194 +13,48 @@ unexpected one); ``--debug`` prints the full traceback instead.
 from __future__ import annotations
 
 import argparse
+import ast
 import contextlib
 import dataclasses
-import importlib.machinery
-import importlib.util
 import os
-import re
 import sys
 import traceback
-import types
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from torch import nn
-
-from .api import inject, inspect_sites
-from .config import LORA_INITS, LoraConfig, make_config
+from . import api
+from .capture import capture
+from .cli_common import EXIT_FAILURE, EXIT_USAGE, CliError, Parser, build_from_file, few, one_line
+from .cli_train import add_train_parser
+from .config import LORA_INITS, LoraConfig
 from .errors import AdaptcError
 from .inputs import normalize_inputs
+from .methods import get_method, make_config
 from .model import TrainableSummary
+from .passes.lora import lora_param_count, rank_deficient, rank_error
+from .passes.quantize import make_quant_config, weight_bytes
+from .passes.selection import matches
+from .plot import sites_plot
+from .tables import in_out, number, table
 
 PROG = "adaptc"
 
 # Exit codes: argparse's convention for usage errors, 1 for anything that failed while running.
-EXIT_USAGE = 2
-EXIT_FAILURE = 1
-
 _LORA_DEFAULTS = {f.name: f.default for f in dataclasses.fields(LoraConfig) if f.default is not dataclasses.MISSING}
-
-
-class CliError(Exception):
-    """An error the command line reports as one line; ``code`` is the exit status."""
-
-    def __init__(self, message: str, code: int = EXIT_USAGE) -> None:
-        super().__init__(message)
-        self.code = code
-
-
-class _Parser(argparse.ArgumentParser):
-    """argparse, but a bad command line is reported in the same one-line form as every other error."""
-
-    def error(self, message: str) -> None:  # type: ignore[override]
-        raise CliError(f"{message} (see `{self.prog} --help`)", EXIT_USAGE)
-
-
-# --- loading model.py ---------------------------------------------------------------------------
-
-@contextlib.contextmanager
-def _importable_from(directory: Path) -> Iterator[None]:
-    # A model file may import its neighbours (a local modelling module), as `python model.py` would.
-    entry = str(directory)
-    sys.path.insert(0, entry)
-    try:
-        yield
-    finally:
-        with contextlib.suppress(ValueError):
-            sys.path.remove(entry)
-
-
-def _user_line(exc: BaseException, path: Path) -> str:
-    """' (line N)' for the deepest frame of ``exc`` inside the model file, if any."""
-    if isinstance(exc, SyntaxError) and exc.filename and Path(exc.filename).resolve() == path and exc.lineno:
-        return f" (line {exc.lineno})"
-    lines = [f.lineno for f in traceback.extract_tb(exc.__traceback__) if Path(f.filename).resolve() == path]
-    return f" (line {lines[-1]})" if lines else ""
-
-
-def _failed_in_user_code(what: str, path: Path, exc: BaseException) -> CliError:
-    # SyntaxError's str() repeats the file and line, which the message already gives.
-    text = exc.msg if isinstance(exc, SyntaxError) and exc.msg else str(exc)
-    message = _one_line(text) or "(no message)"
-    return CliError(
-        f"{what} raised {type(exc).__name__}{_user_line(exc, path)}: {message}; "
-        "fix the model file, or rerun with --debug for the traceback",
-        EXIT_FAILURE,
-    )
-
-
-def load_model_file(path_arg: str) -> types.ModuleType:
-    """Import a model file by path (it need not be on sys.path or end in .py)."""
-    path = Path(path_arg).expanduser().resolve()
-    if not path.exists():
-        raise CliError(
-            f"model file {path_arg!r} not found; pass the path of a Python file that defines "
-            "build_model() and example_inputs()"
-        )
-    if not path.is_file():
-        raise CliError(f"{path_arg!r} is not a file; pass the path of a Python file that defines build_model()")
-    name = "_adaptc_model_" + re.sub(r"\W", "_", path.stem)
-    loader = importlib.machinery.SourceFileLoader(name, str(path))
-    spec = importlib.util.spec_from_loader(name, loader)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # dataclasses and pickling look a class's module up here
-    try:
-        loader.exec_module(module)
-    except Exception as exc:
-        sys.modules.pop(name, None)
-        raise _failed_in_user_code(f"importing {path_arg}", path, exc) from exc
-    return module
-
-
-def _call(module: types.ModuleType, path_arg: str, function: str, purpose: str) -> Any:
-    fn = getattr(module, function, None)
-    if fn is None:
-        raise CliError(f"{path_arg} defines no {function}(); a model file must define {function}() {purpose}")
-    if not callable(fn):
-        raise CliError(
-            f"{function} in {path_arg} is a {type(fn).__name__}, not a function; define {function}() {purpose}"
-        )
-    try:
-        return fn()
-    except Exception as exc:
-        raise _failed_in_user_code(f"{function}() in {path_arg}", Path(module.__file__).resolve(), exc) from exc
-
-
-def build_from_file(path_arg: str) -> tuple[nn.Module, Any]:
-    """``(build_model(), example_inputs())`` of a model file, with one-line errors for what goes wrong."""
-    _, model, inputs = build_module_from_file(path_arg)
-    return model, inputs
-
-
-def build_module_from_file(path_arg: str) -> tuple[types.ModuleType, nn.Module, Any]:
-    """The imported model file, ``build_model()`` and ``example_inputs()``."""
-    with _importable_from(Path(path_arg).expanduser().resolve().parent):
-        module = load_model_file(path_arg)
-        model = _call(module, path_arg, "build_model", "that returns the torch.nn.Module to adapt")
-        if not isinstance(model, nn.Module):
-            raise CliError(
-                f"build_model() in {path_arg} returned {type(model).__name__}; it must return a torch.nn.Module"
-            )
-        inputs = _call(
-            module, path_arg, "example_inputs",
-            "that returns the inputs of one typical call: a dict of keyword inputs or a tuple of positional ones",
-        )
-    return module, model, inputs
-
-
-# --- formatting ---------------------------------------------------------------------------------
-
-def _one_line(message: str) -> str:
-    """A possibly multi-line message as one line (errors are printed as exactly one line)."""
-    parts = [line.strip() for line in str(message).strip().splitlines() if line.strip()]
-    out = ""
-    for part in parts:
-        if out:
-            out += " " if out[-1] in ".:;,!?" else "; "
-        out += part
-    return out
-
-
-def table(headers: Sequence[str], rows: Sequence[Sequence[Any]], right: Sequence[int] = ()) -> str:
-    """A plain-text table; columns whose index is in ``right`` are right-aligned (numbers)."""
-    cells = [list(map(str, headers))] + [[str(c) for c in row] for row in rows]
-    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
-
-    def line(row: list[str]) -> str:
-        return "  ".join(c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths))).rstrip()
-
-    rule = "  ".join("-" * w for w in widths)
-    return "\n".join([line(cells[0]), rule] + [line(row) for row in cells[1:]])
-
-
-def _few(names: Sequence[str], n: int = 4) -> str:
-    return ", ".join(names[:n]) + (f" and {len(names) - n} more" if len(names) > n else "")
-
-
-def _in_out(site: Any) -> str:
-    return f"{site.in_features}->{site.out_features}"
-
-
-def _n(value: int) -> str:
-    return f"{value:,}"
 
 
 # --- commands -----------------------------------------------------------------------------------
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from adaptc.passes.lora import lora_param_count, rank_deficient, rank_error
-    from adaptc.passes.selection import matches
-
-    if make_config(args.method, {}).method != "lora":  # an unknown method fails before the model is built
-        return _inspect_prompt_method(args)
+    if not get_method(args.method).site_table:  # an unknown method fails before the model is built
+        return _inspect_method(args)
     make_config(args.method, {"r": args.r})  # a bad rank fails before the model is built
     if args.plot is not None:
         _check_output_file(args.plot, ".png")
     model, example = build_from_file(args.model_file)
     inputs = normalize_inputs(example)
-    sites = inspect_sites(model, inputs)
+    sites = api.inspect_sites(model, inputs)
     total = sum(p.numel() for p in model.parameters())
     print(f"{type(model).__name__} from {args.model_file}, inputs {inputs.describe()}: {len(sites)} sites")
     if not sites:
@@ -213,14 +67,14 @@ def cmd_inspect(args: argparse.Namespace) -> int:
             added = lora_param_count(site, args.r)
             added_all += added
             added_linear += added if matches("all-linear", site) else 0
-            lora = _n(added)
+            lora = number(added)
             if rank_deficient(site, args.r):  # allowed, as in PEFT; the update's rank is capped by the weight
                 deficient.append(site.name)
                 lora += f" (rank {site.max_rank()})"
         else:
             lora = "- (r too large)"  # inject would refuse this rank here
         rows.append([
-            site.name, site.kind, site.op, site.shapes(), _in_out(site),
+            site.name, site.kind, site.op, site.shapes(), in_out(site),
             "" if site.layer is None else site.layer, "head" if site.is_head else "", lora,
         ])
     headers = ["site", "kind", "op", "weight", "in->out", "layer", "head", f"lora r={args.r}"]
@@ -231,56 +85,36 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         kinds[site.kind] = kinds.get(site.kind, 0) + 1
     breakdown = ", ".join(f"{n} {kind}" for kind, n in kinds.items())
     print(
-        f"total: {len(sites)} sites ({breakdown}); model params {_n(total)}; "
-        f"rank-{args.r} LoRA adds {_n(added_all)} on every site, "
-        f"{_n(added_linear)} on all-linear (the default targets; trainable% "
+        f"total: {len(sites)} sites ({breakdown}); model params {number(total)}; "
+        f"rank-{args.r} LoRA adds {number(added_all)} on every site, "
+        f"{number(added_linear)} on all-linear (the default targets; trainable% "
         f"{100 * TrainableSummary(added_linear, total + added_linear).fraction:.4f})"
     )
     if deficient:
         print(
-            f"note: r={args.r} is above the rank of the weight at {len(deficient)} site(s) ({_few(deficient)}): "
+            f"note: r={args.r} is above the rank of the weight at {len(deficient)} site(s) ({few(deficient)}): "
             "LoRA works there (as in PEFT), but its update has only the rank shown"
         )
     if args.plot is not None:
-        from .plot import sites_plot
-
         plotted = [
             (s.name, s.kind, s.layer, lora_param_count(s, args.r) if rank_error(s, args.r) is None else 0) for s in sites
         ]
-        title = f"{type(model).__name__}: rank-{args.r} LoRA parameters per site ({_n(added_all)} on every site)"
+        title = f"{type(model).__name__}: rank-{args.r} LoRA parameters per site ({number(added_all)} on every site)"
         print(f"plot written to {sites_plot(plotted, args.plot, title)}")
     return 0
 
 
-def _inspect_prompt_method(args: argparse.Namespace) -> int:
-    """Where a prompt method would act: the attention ops (prefix) or the sequence entry (prompt, ptuning)."""
-    from adaptc.passes.attention import canonicalize
-    from adaptc.passes.sequence import find_attention_sites, find_sequence_entry
-
-    from .capture import capture
-
+def _inspect_method(args: argparse.Namespace) -> int:
+    """Where a method without a site table acts (the attention ops for prefix, the sequence entry for prompts)."""
     config = make_config(args.method, {})
     if args.plot is not None:
         raise CliError(f"--plot draws LoRA sites; it is not available with --method {config.method}")
     model, example = build_from_file(args.model_file)
     inputs = normalize_inputs(example)
     graph = capture(model, inputs)
-    tokens = config.num_virtual_tokens
     print(f"{type(model).__name__} from {args.model_file}, inputs {inputs.describe()}")
-    if config.method == "prefix":
-        graph.transform_graphs(canonicalize, remember=False)
-        sites = find_attention_sites(graph)
-        if not sites:
-            raise CliError(f"{type(model).__name__} has no attention op for prefix tuning; use --method lora")
-        rows = [[s.name, s.heads, s.source_kv_heads, s.head_dim, _n(tokens * s.source_kv_heads * (s.head_dim + s.value_dim))]
-                for s in sites]
-        print(table(["attention", "heads", "kv heads", "head dim", f"prefix params ({tokens} tokens)"], rows, right=(1, 2, 3, 4)))
-        print(f"total: {len(sites)} attention ops; prefix tuning adds {_n(sum(int(r[4].replace(',', '')) for r in rows))}")
-        return 0
-    entry = find_sequence_entry(graph, model, inputs, config.method)
-    print(f"virtual tokens enter at: {entry.describe()}")
-    print(f"{tokens} virtual tokens x hidden {entry.hidden} = {_n(tokens * entry.hidden)} prompt parameters"
-          + (" (plus the P-tuning encoder)" if config.method == "ptuning" else ""))
+    for line in get_method(config).inspect(graph, model, inputs, config):
+        print(line)
     return 0
 
 
@@ -319,16 +153,15 @@ def _lora_options(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_inject(args: argparse.Namespace) -> int:
-    from adaptc.passes.quantize import make_quant_config, weight_bytes
-
     config = make_config(args.method, _lora_options(args))  # validated before the model is built
     quant = make_quant_config(args.quantize, compute_dtype=args.compute_dtype) if args.quantize else None
     model, example = build_from_file(args.model_file)
-    adapted = inject(model, config, example_inputs=example, quantize=quant)
-    if config.method != "lora":
-        _report_prompt_method(adapted, config, model, args)
-    else:
-        _report_lora(adapted, config, model, args)
+    adapted = api.inject(model, config, example_inputs=example, quantize=quant)
+    settings, where, *details = get_method(config).describe(adapted, adapted.active_adapter)
+    print(settings)
+    print(f"{type(model).__name__} from {args.model_file}: {where}")
+    for line in details:
+        print(line)
     print(adapted.trainable_summary(print_it=False))
     if quant is not None:
         size = weight_bytes(model)["quantized"]
@@ -339,38 +172,10 @@ def cmd_inject(args: argparse.Namespace) -> int:
     return 0
 
 
-def _report_prompt_method(adapted: Any, config: Any, model: nn.Module, args: argparse.Namespace) -> None:
-    settings = " ".join(f"{k}={v!r}" for k, v in config.to_dict().items() if k != "method")
-    print(f"{config.method}: {settings}")
-    if config.method == "prefix":
-        print(f"{type(model).__name__} from {args.model_file}: {len(adapted.sites)} attention ops get a prefix")
-        rows = [[s.name, s.heads, s.source_kv_heads, s.head_dim] for s in adapted.sites]
-        print(table(["attention", "heads", "kv heads", "head dim"], rows, right=(1, 2, 3)))
-    else:
-        print(f"{type(model).__name__} from {args.model_file}: virtual tokens enter at {adapted.sites[0].describe()}")
-
-
-def _report_lora(adapted: Any, config: Any, model: nn.Module, args: argparse.Namespace) -> None:
-    extras = " rslora" * config.rslora + " dora" * config.use_dora
-    print(
-        f"{config.method}: r={config.r} alpha={config.alpha:g} dropout={config.dropout:g} init={config.init}{extras} "
-        f"targets={config.targets!r}" + (f" exclude={config.exclude!r}" if config.exclude is not None else "")
-        + (f" layers={config.layers!r}" if config.layers is not None else "")
-    )
-    plural = "s" if len(adapted.sites) != 1 else ""
-    print(f"{type(model).__name__} from {args.model_file}: {len(adapted.sites)} site{plural} matched")
-    rows = [
-        [s.name, s.op, s.shapes(), _in_out(s), config.rank_for(s.name), _n(s.params_added)] for s in adapted.sites
-    ]
-    print(table(["site", "op", "weight", "in->out", "r", "params added"], rows, right=(4, 5)))
-
-
 # --- the parser ---------------------------------------------------------------------------------
 
 def _key_value(text: str) -> tuple[str, Any]:
     """``--opt key=value``: the value is read as a Python literal (8, 0.1, True, [0, 1], 'x') or kept as text."""
-    import ast
-
     key, sep, raw = text.partition("=")
     if not sep or not key.strip().isidentifier():
         raise argparse.ArgumentTypeError(f"expected KEY=VALUE (e.g. r=8 or targets='.*q_proj'), got {text!r}")
@@ -421,7 +226,7 @@ dotted suffixes. `adaptc inspect model.py` lists the site names.
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(
+    parser = Parser(
         prog=PROG,
         description="adaptc: a model-agnostic adapter compiler (LoRA as torch.fx graph passes).",
         epilog=_MAIN_EPILOG,
@@ -469,9 +274,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_opt(inject_p)
     inject_p.set_defaults(func=cmd_inject)
     _add_export_parser(sub, common)
-    from .cli_train import add_train_parser
-
-    add_train_parser(sub, common, _Parser)
+    add_train_parser(sub, common, Parser)
     return parser
 
 
@@ -483,9 +286,9 @@ examples:
   adaptc export examples/tiny_gpt2.py -o model.onnx --quantize int8
   adaptc export examples/tiny_gpt2.py -o model.onnx --no-merge   # + model.default.onnx_adapter
 
-Exports the model with a LoRA adapter (a fresh one with the LoRA options given, or --adapter DIR
-when adaptc can load saved adapters), optimized for ONNX Runtime and parity-checked against
-PyTorch; nothing is written if the check fails.
+Exports the model with a LoRA adapter (a fresh one with the LoRA options given, or the one saved
+in --adapter DIR), optimized for ONNX Runtime and parity-checked against PyTorch; nothing is
+written if the check fails.
 """
 
 
@@ -518,18 +321,15 @@ def _add_export_parser(sub: Any, common: argparse.ArgumentParser) -> None:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    import adaptc
-
     config = make_config(args.method, _lora_options(args))  # validated before the model is built
     model, example = build_from_file(args.model_file)
     if args.adapter is not None:
-        load = getattr(adaptc, "load_adapter", None)
-        if load is None:
-            raise CliError("--adapter needs adaptc.load_adapter, which this version does not have yet")
-        adapted = load(model, args.adapter, example_inputs=example)
+        adapted = api.load_adapter(model, args.adapter, example_inputs=example)
     else:
-        adapted = inject(model, config, example_inputs=example)
-    report = adaptc.export_onnx(
+        adapted = api.inject(model, config, example_inputs=example)
+    from .targets.onnx import export_onnx  # onnx, onnxscript, onnxruntime: optional dependencies
+
+    report = export_onnx(
         adapted, args.output, merge=not args.no_merge, optimize=not args.no_optimize, opset=args.opset,
         quantize=args.quantize,
     )
@@ -558,10 +358,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         elif isinstance(exc, CliError):
             _report(str(exc))
         elif isinstance(exc, AdaptcError):
-            _report(_one_line(str(exc)))
+            _report(one_line(str(exc)))
         else:
             _report(
-                f"unexpected {type(exc).__name__}: {_one_line(str(exc))}; "
+                f"unexpected {type(exc).__name__}: {one_line(str(exc))}; "
                 "rerun with --debug for the traceback and report it if it is adaptc's fault"
             )
         return exc.code if isinstance(exc, CliError) else EXIT_USAGE if isinstance(exc, AdaptcError) else EXIT_FAILURE

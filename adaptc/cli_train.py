@@ -10,11 +10,19 @@ from __future__ import annotations
 
 import argparse
 import functools
+import os
 import sys
 import types
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
+
+import torch
+
+from . import distributed
+from .api import load_adapter
+from .cli_common import CliError, build_module_from_file, failed_in_user_code, load_model_file
+from .train import TrainConfig, train
 
 EXIT_INTERRUPTED = 130  # the shell's convention for SIGINT
 
@@ -71,8 +79,6 @@ def add_train_parser(sub: Any, common: argparse.ArgumentParser, parser_class: ty
 
 def _wrap_user(fn: Callable, what: str, path_arg: str, module: types.ModuleType) -> Callable:
     """Errors raised inside a model file's function become one-line CLI errors naming the file and line."""
-    from .cli import _failed_in_user_code
-
     path = Path(module.__file__).resolve()
 
     @functools.wraps(fn)
@@ -80,15 +86,13 @@ def _wrap_user(fn: Callable, what: str, path_arg: str, module: types.ModuleType)
         try:
             return fn(*args)
         except Exception as exc:
-            raise _failed_in_user_code(f"{what} in {path_arg}", path, exc) from exc
+            raise failed_in_user_code(f"{what} in {path_arg}", path, exc) from exc
 
     return call
 
 
 def _wrap_batches(fn: Callable, what: str, path_arg: str, module: types.ModuleType) -> Callable[[], Iterator]:
     # A generator fails while it is iterated, not when it is called: wrap both.
-    from .cli import _failed_in_user_code
-
     path = Path(module.__file__).resolve()
     call = _wrap_user(fn, what, path_arg, module)
 
@@ -100,15 +104,13 @@ def _wrap_batches(fn: Callable, what: str, path_arg: str, module: types.ModuleTy
             except StopIteration:
                 return
             except Exception as exc:
-                raise _failed_in_user_code(f"{what} in {path_arg}", path, exc) from exc
+                raise failed_in_user_code(f"{what} in {path_arg}", path, exc) from exc
             yield item
 
     return batches
 
 
 def _function(module: types.ModuleType, name: str, path_arg: str, required: str | None = None) -> Callable | None:
-    from .cli import CliError
-
     fn = getattr(module, name, None)
     if fn is None:
         if required:
@@ -120,15 +122,6 @@ def _function(module: types.ModuleType, name: str, path_arg: str, required: str 
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    import os
-
-    import torch
-
-    from . import distributed
-    from .checkpoint import load_adapter
-    from .cli import CliError, build_module_from_file, load_model_file
-    from .train import TrainConfig, train
-
     config = TrainConfig(
         steps=args.steps, epochs=args.epochs, lr=args.lr, weight_decay=args.weight_decay, warmup=args.warmup,
         batch_accum=args.batch_accum, bf16=args.bf16, max_grad_norm=args.max_grad_norm,

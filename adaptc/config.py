@@ -10,8 +10,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import ConfigError
+from .passes.selection import compile_selector
 
-KNOWN_METHODS = ("lora", "prompt", "ptuning", "prefix")
 LORA_INITS = ("default", "gaussian", "pissa")
 
 # PEFT's name -> ours.
@@ -73,8 +73,6 @@ class LoraConfig:
         return config
 
     def validate(self) -> None:
-        from adaptc.passes.selection import compile_selector
-
         _check_rank(self.r, "r")
         if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or not 0 < self.alpha < math.inf:
             raise ConfigError(f"alpha must be a positive number, got {self.alpha!r}")
@@ -277,26 +275,3 @@ def _check_dropout(value: Any, what: str) -> None:
 
 
 CONFIG_TYPES = (LoraConfig, PromptConfig, PTuningConfig, PrefixConfig)
-_BY_METHOD = {"lora": LoraConfig, "prompt": PromptConfig, "ptuning": PTuningConfig, "prefix": PrefixConfig}
-# PEFT's peft_type spellings.
-_METHOD_ALIASES = {"prompt_tuning": "prompt", "p_tuning": "ptuning", "prefix_tuning": "prefix"}
-
-
-def make_config(method_or_config: Any, options: dict[str, Any]) -> Any:
-    """The config for ``inject``'s second argument: a method name with options, or a config object."""
-    if isinstance(method_or_config, CONFIG_TYPES):
-        if options:
-            raise ConfigError(
-                f"got a {type(method_or_config).__name__} and keyword options {sorted(options)}; put the options in the config"
-            )
-        method_or_config.validate()
-        return method_or_config
-    if not isinstance(method_or_config, str):
-        raise ConfigError(
-            f"method must be a method name ({', '.join(KNOWN_METHODS)}) or a config object, "
-            f"got {type(method_or_config).__name__}"
-        )
-    method = _METHOD_ALIASES.get(method_or_config.lower(), method_or_config.lower())
-    if method in _BY_METHOD:
-        return _BY_METHOD[method].from_options(**options)
-    raise ConfigError(f"unknown method {method_or_config!r}; known methods: {', '.join(KNOWN_METHODS)}")

@@ -14,48 +14,21 @@ Two things the Trainer reads that a plain ``forward(*args, **kwargs)`` hides:
 
 from __future__ import annotations
 
-import inspect
 import os
 from typing import Any
 
 import torch
 from torch import nn
 
-_CLASSES: dict[tuple[type, type], type] = {}
-
-
-def signature_class(cls: type, base_cls: type) -> type:
-    """A subclass of ``cls`` whose ``forward`` has ``base_cls.forward``'s signature (cached per pair).
-
-    Named ``Adapted<Base>`` so that name-based checks still work (the Trainer looks for
-    ``QuestionAnswering`` in the class name to pick ``start_positions`` / ``end_positions``).
-    """
-    key = (cls, base_cls)
-    if key in _CLASSES:
-        return _CLASSES[key]
-    try:
-        signature = inspect.signature(base_cls.forward)
-    except (TypeError, ValueError):  # a builtin or C forward: keep *args, **kwargs
-        _CLASSES[key] = cls
-        return cls
-    parent_forward = cls.forward
-
-    def forward(self: Any, *args: Any, **kwargs: Any) -> Any:
-        return parent_forward(self, *args, **kwargs)
-
-    forward.__signature__ = signature  # type: ignore[attr-defined]
-    forward.__doc__ = parent_forward.__doc__
-    name = f"Adapted{base_cls.__name__}"
-    sub = type(name, (cls,), {"forward": forward, "__module__": cls.__module__, "__qualname__": name})
-    _CLASSES[key] = sub
-    return sub
+from .checkpoint import plan_load, read_checkpoint
+from .errors import CheckpointError, InputError
+from .model import AdaptedModel
+from .passes.sites import site_key
+from .signature import signature_class
 
 
 def unwrap(model: nn.Module) -> Any:
     """The AdaptedModel inside DDP, accelerate or ``torch.compile`` wrappers."""
-    from .errors import InputError
-    from .model import AdaptedModel
-
     seen = model
     for _ in range(8):  # wrappers nest a few deep at most (compile(DDP(am)))
         if isinstance(seen, AdaptedModel):
@@ -75,10 +48,6 @@ def load_adapter_weights(am: Any, directory: str | os.PathLike, adapter_name: st
     Unlike ``am.load_adapter`` this adds nothing: the adapter must exist with the same sites and
     shapes, so an optimizer built on its parameters keeps working.
     """
-    from .checkpoint import plan_load, read_checkpoint
-    from .errors import CheckpointError
-    from .passes.sites import site_key
-
     if adapter_name not in am.adapters:
         raise CheckpointError(f"unknown adapter {adapter_name!r}; this model has: {', '.join(am.adapters)}")
     _, plans = plan_load(am, read_checkpoint(directory, adapter_name))
@@ -148,4 +117,4 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-__all__ = ["load_adapter_weights", "signature_class", "unwrap"]
+__all__ = ["load_adapter_weights", "signature_class", "unwrap"]  # signature_class: its old home

@@ -14,12 +14,29 @@ from torch import nn
 
 from . import base_guard
 from .capture import CapturedGraphModule
+from .checkpoint import load_into, save_adapter
+from .checkpoint_files import check_new_name
 from .errors import AdaptcError, ConfigError
 from .inputs import Inputs
-
-ADAPTERS_ATTR = "_adaptc_adapters"
+from .methods import ADAPTERS_ATTR, Method, adapter_prefix, available_methods, get_method, make_config
+from .passes.manager import PassManager
+from .passes.weighted import add_weighted_adapter
+from .signature import signature_class
+from .targets import merge as merge_target
 
 AdapterPass = Callable[[CapturedGraphModule], None]
+
+
+@dataclass
+class Adapter:
+    """One adapter on a model: its method, config and sites, and how it edits graphs."""
+
+    name: str
+    method: Method
+    config: Any
+    sites: list
+    graph_pass: Any = None  # a GraphPass applied to every captured graph (LoRA, prefix)
+    edit: Any = None  # a capture-time edit (prompt methods; prefix's position shift)
 
 
 @dataclass(frozen=True)
@@ -56,19 +73,15 @@ class AdaptedModel(nn.Module):
         self.all_sites = sites  # every site of the unadapted graph (selection reads is_head from it)
         self._graphs: dict[tuple, list[CapturedGraphModule]] = {}
         self._example_inputs = graph._adaptc_inputs
-        self._passes: dict[str, AdapterPass] = {}
-        self._adapter_sites: dict[str, list] = {}
-        self._adapter_configs: dict[str, Any] = {}
+        self._records: dict[str, Adapter] = {}  # by adapter name, in the order added
+        self._passes = PassManager()
         self._active: list[str] = []
-        # Capture-time edits of the prompt methods (virtual tokens, shifted positions), by adapter.
-        # Graphs are cached per set of edits in force, since the edits change shapes.
-        self._edits: dict[str, Any] = {}
+        # Graphs are cached per set of capture-time edits in force (they change shapes); these are
+        # switched off by disable_adapters().
         self._edits_disabled: set[str] = set()
         self.train(model.training)  # start in the mode the model was in, like the model
         self._register_graph(graph)
-        # The HF Trainer reads input and label names from forward's signature on the class (adaptc/hf.py).
-        from .hf import signature_class
-
+        # The HF Trainer reads input and label names from forward's signature on the class (adaptc/signature.py).
         self.__class__ = signature_class(type(self), type(model))
 
     # -- adapters -------------------------------------------------------------------------------
@@ -79,31 +92,24 @@ class AdaptedModel(nn.Module):
         Everything is validated before the model changes; the new adapter becomes the only
         active one (like PEFT's ``add_adapter`` followed by ``set_adapter``).
         """
-        from .api import build_adapter  # the method registry lives with the public API
-
-        if not isinstance(name, str) or not name.isidentifier():
-            raise ConfigError(f"adapter name must be an identifier such as 'default' or 'task_a', got {name!r}")
-        if name in self.adapters:
-            raise ConfigError(f"adapter {name!r} already exists; delete_adapter({name!r}) first or pick another name")
-        built = build_adapter(self, name, config if config is not None else "lora", options)
-        if built.prompt_method:
-            present = [n for n, c in self._adapter_configs.items() if getattr(c, "method", "lora") != "lora"]
+        check_new_name(self.adapters, name)
+        config = make_config(config if config is not None else "lora", options)
+        method = get_method(config)
+        if method.edits_sequence:
+            present = [r for r in self._records.values() if r.method.edits_sequence]
             if present:
                 raise ConfigError(
-                    f"this model already has the {self._adapter_configs[present[0]].method!r} adapter {present[0]!r}; "
-                    "one prompt-method adapter (prompt, ptuning or prefix) per model: delete it first or "
+                    f"this model already has the {present[0].method.name!r} adapter {present[0].name!r}; "
+                    f"one sequence-editing adapter ({', '.join(_sequence_methods())}) per model: delete it first or "
                     "inject into a fresh model"
                 )
+        built = method.build(self, name, config)
         self.adapters[name] = nn.ModuleDict(built.layers)
+        self._records[name] = Adapter(name, method, built.config, built.sites, built.graph_pass, built.edit)
         if built.graph_pass is not None:
-            self._passes[name] = built.graph_pass
-        if built.edit is not None:
-            self._edits[name] = built.edit
-        self._adapter_sites[name] = built.sites
-        self._adapter_configs[name] = built.config
-        if built.graph_pass is not None:
-            for graph in self._all_graphs():
-                graph.transform_graphs(_with_bases_restored(built.graph_pass), remember=False)
+            for graph in self.all_graphs():
+                graph.transform_graphs(functools.partial(self._passes.run_one, graph_pass=built.graph_pass),
+                                       remember=False)
         for p in self.base_model.parameters():
             p.requires_grad_(False)
         self.set_adapter(name)
@@ -131,14 +137,11 @@ class AdaptedModel(nn.Module):
         """Remove an adapter: its nodes leave every graph and its parameters are dropped."""
         if name not in self.adapters:
             raise ConfigError(f"unknown adapter {name!r}; this model has: {', '.join(self.adapters)}")
-        from adaptc.passes import lora_fused
-        from adaptc.passes import prefix as prefix_pass
-
-        target = f"{ADAPTERS_ATTR}.{name}."
+        record = self._records[name]
+        target = f"{adapter_prefix(name)}."
 
         def remove(gm: CapturedGraphModule) -> None:
-            prefix_pass.remove(gm, target)
-            lora_fused.unfuse(gm, name)
+            record.method.remove(gm, name)
             for node in list(gm.graph.nodes):
                 if node.op == "call_module" and node.target.startswith(target):
                     node.replace_all_uses_with(node.args[1])  # args: (x, base output, weight, bias)
@@ -149,12 +152,12 @@ class AdaptedModel(nn.Module):
                 if node.op == "get_attr" and node.target.startswith(target) and not node.users:
                     gm.graph.erase_node(node)
 
-        for graph in self._all_graphs():
-            graph.transform_graphs(_with_bases_restored(remove), remember=False)
+        for graph in self.all_graphs():
+            graph.transform_graphs(functools.partial(self._passes.run_one, graph_pass=remove, removal=True),
+                                   remember=False)
         self._forget_graphs(name)
         del self.adapters[name]
-        for table in (self._passes, self._adapter_sites, self._adapter_configs, self._edits):
-            table.pop(name, None)
+        del self._records[name]
         self._active = [n for n in self._active if n != name]
 
     @contextlib.contextmanager
@@ -189,8 +192,6 @@ class AdaptedModel(nn.Module):
         ``combination``: ``"linear"`` (same rank, approximate), ``"cat"`` (exact, rank = sum) or
         ``"svd"`` (exact up to ``svd_rank``). The new adapter is added but not activated.
         """
-        from adaptc.passes.weighted import add_weighted_adapter
-
         add_weighted_adapter(self, adapters, weights, adapter_name, combination, svd_rank)
 
     @property
@@ -206,25 +207,27 @@ class AdaptedModel(nn.Module):
     @property
     def sites(self) -> list:
         """The sites the active adapter adapts: name, kind, op, weight shape, parameters added."""
-        return self._adapter_sites[self.active_adapter]
+        return self._records[self.active_adapter].sites
 
     @property
     def adapter_config(self) -> Any:
         """The active adapter's configuration (``config`` stays the base model's: transformers reads it)."""
-        return self._adapter_configs[self.active_adapter]
+        return self._records[self.active_adapter].config
 
     def adapter_configs(self) -> dict[str, Any]:
-        return dict(self._adapter_configs)
+        return {name: record.config for name, record in self._records.items()}
 
     def adapter_sites(self, name: str) -> list:
-        return self._adapter_sites[name]
+        return self._records[name].sites
+
+    def adapter_record(self, name: str) -> Adapter:
+        """Everything about adapter ``name``: method, config, sites, graph pass, capture-time edit."""
+        return self._records[name]
 
     # -- checkpoints (adaptc/checkpoint.py) -------------------------------------------------------
 
     def save_adapter(self, directory: str | os.PathLike, adapter_name: str | list[str] | None = None) -> list:
         """Write adapters in PEFT's format (all of them by default); ``default`` in ``directory``, others in subfolders."""
-        from .checkpoint import save_adapter
-
         return save_adapter(self, directory, adapter_name)
 
     def save_pretrained(self, save_directory: str | os.PathLike, is_main_process: bool = True, **ignored: Any) -> list:
@@ -257,25 +260,19 @@ class AdaptedModel(nn.Module):
         )
 
     def load_adapter(self, directory: str | os.PathLike, adapter_name: str = "default") -> None:
-        """Add a saved LoRA adapter (adaptc's or PEFT's) under ``adapter_name`` and make it the active one."""
-        from .checkpoint import load_into
-
+        """Add a saved adapter (adaptc's or PEFT's) under ``adapter_name`` and make it the active one."""
         load_into(self, directory, adapter_name)
 
     # -- graphs ---------------------------------------------------------------------------------
 
-    def _all_graphs(self) -> list[CapturedGraphModule]:
+    def all_graphs(self) -> list[CapturedGraphModule]:
+        """Every graph captured so far (one per input structure and set of capture-time edits)."""
         return [graph for graphs in self._graphs.values() for graph in graphs]
 
-    def _apply_adapter_passes(self, graph: CapturedGraphModule) -> None:
-        from adaptc.passes import lora_fused, narrow, speedups
+    _all_graphs = all_graphs
 
-        if graph._adaptc_active:  # training graphs: evaluation stays bit-identical to the base model
-            narrow.narrow_rows(graph)  # first: the adapters then see the narrowed ops
-        for graph_pass in self._passes.values():
-            graph_pass(graph)
-        speedups.apply(graph)  # the frozen model's own ops: fused tanh-GELU, cheaper dropout masks
-        lora_fused.absorb_bases(graph)  # last: the passes above look for the frozen linear ops
+    def _apply_adapter_passes(self, graph: CapturedGraphModule) -> None:
+        self._passes.run(graph, [r.graph_pass for r in self._records.values() if r.graph_pass is not None])
 
     def _register_graph(self, graph: CapturedGraphModule, edits: tuple[str, ...] = ()) -> None:
         setattr(graph, ADAPTERS_ATTR, self.adapters)
@@ -288,7 +285,8 @@ class AdaptedModel(nn.Module):
             del self._graphs[key]
 
     def _edits_in_force(self) -> tuple[str, ...]:
-        return tuple(n for n in self._edits if n in self._active and n not in self._edits_disabled)
+        return tuple(n for n, r in self._records.items()
+                     if r.edit is not None and n in self._active and n not in self._edits_disabled)
 
     @contextlib.contextmanager
     def _capture_context(self, edits: tuple[str, ...]) -> Iterator[None]:
@@ -299,7 +297,7 @@ class AdaptedModel(nn.Module):
         try:
             with contextlib.ExitStack() as stack:
                 for name in edits:
-                    stack.enter_context(self._edits[name].applied(model))
+                    stack.enter_context(self._records[name].edit.applied(model))
                 yield
         finally:
             del model._modules[ADAPTERS_ATTR]
@@ -332,7 +330,7 @@ class AdaptedModel(nn.Module):
 
     def _apply(self, fn, recurse=True):
         super()._apply(fn, recurse)
-        for graph in self._all_graphs():
+        for graph in self.all_graphs():
             graph.rebind()
             # Constants the graphs own (lifted tensors) follow the move too.
             for name, buffer in list(graph.named_buffers()):
@@ -351,9 +349,7 @@ class AdaptedModel(nn.Module):
         A quantized base layer (``quantize=``) becomes full precision, or stays quantized with
         ``requantize=True``.
         """
-        from adaptc.targets.merge import merge
-
-        return merge(self, safe=safe, requantize=requantize)
+        return merge_target.merge(self, safe=safe, requantize=requantize)
 
     # -- introspection ----------------------------------------------------------------------------
 
@@ -392,14 +388,5 @@ class AdaptedModel(nn.Module):
         return f"adapters={list(self.adapters)}, active={self._active}"
 
 
-def _with_bases_restored(graph_pass: Callable[[CapturedGraphModule], None]) -> Callable[[CapturedGraphModule], None]:
-    """``graph_pass`` run on a graph whose LoRA groups hand their frozen ops back first (passes
-    match those ops), and take them in again after (passes/lora_fused.py: absorb_bases)."""
-    from adaptc.passes import lora_fused
-
-    def run(graph: CapturedGraphModule) -> None:
-        lora_fused.restore_bases(graph)
-        graph_pass(graph)
-        lora_fused.absorb_bases(graph)
-
-    return run
+def _sequence_methods() -> list[str]:
+    return [n for n in available_methods() if get_method(n).edits_sequence]

@@ -25,6 +25,6 @@ def build_model() -> GPT2LMHeadModel:
 
 
 def example_inputs() -> dict[str, torch.Tensor | bool]:
-    # use_cache=False: a cache object in the output cannot be captured (see DESIGN.md).
+    # use_cache=False: a cache object in the output cannot be captured (see docs/architecture.md).
     input_ids = torch.arange(2 * 16).reshape(2, 16) % VOCAB
     return {"input_ids": input_ids, "use_cache": False}

@@ -9,9 +9,6 @@ op stays in the graph untouched, so the frozen path is exactly the base model's.
 from __future__ import annotations
 
 import math
-import os
-import sys
-import warnings
 
 import torch
 import torch.nn.functional as F
@@ -19,8 +16,10 @@ from torch import fx, nn
 
 from adaptc.config import LoraConfig
 from adaptc.errors import ConfigError
+from adaptc.warn import warn_user
 
-from .sites import Site, match_ops, site_key
+from .sites import Site
+from .wrap import route_weight_uses
 
 _CONV_FN = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 
@@ -167,6 +166,21 @@ class LoraLayer(nn.Module):
         a = self.lora_A.reshape(groups, self.r, -1)
         return torch.bmm(b, a).reshape(self.weight_shape) * self.scaling
 
+    def merge_into(self, current: torch.Tensor, stored: torch.Tensor) -> torch.Tensor:
+        """``current`` (the weight with the adapters inside this one merged) with this adapter folded in.
+
+        ``stored`` is the weight as the model holds it: DoRA's forward normalises by ``||W0 + dW||``,
+        the norm of the *stored* weight plus this adapter's update.
+        """
+        delta = self.delta_weight().to(current.dtype)
+        if not self.use_dora:
+            return current + delta
+        norm = self._weight_norm(stored.to(current.dtype)).reshape(-1)
+        channel_scale = self.lora_magnitude_vector.to(current.dtype) / norm
+        oriented = self._oriented(current + delta)
+        oriented = oriented * channel_scale.reshape((-1,) + (1,) * (oriented.dim() - 1))
+        return self._oriented(oriented)  # back to the stored orientation (a transpose is its own inverse)
+
     def _weight_norm(self, weight: torch.Tensor) -> torch.Tensor:
         """Per-output-channel norm of the adapted weight: [out] for linear, [out, 1, ...] for conv."""
         w = self._oriented(weight) + self._oriented(self.delta_weight().to(weight.dtype))
@@ -247,7 +261,7 @@ def build_layers(sites: list[Site], config: LoraConfig, model: nn.Module) -> dic
             f"{s.name} (r={ranks[s.name]}, {s.kind} weight {s.shapes()}: rank at most {s.max_rank()})"
             for s in deficient[:4]
         ) + (f" and {len(deficient) - 4} more" if len(deficient) > 4 else "")
-        _warn(
+        warn_user(
             f"the LoRA rank is above what the weight allows at {len(deficient)} site(s), so the update B A there is "
             f"rank-deficient (valid, as in PEFT; the extra rank adds parameters but no capacity): {named}",
             RankDeficientWarning,
@@ -265,39 +279,6 @@ def build_layers(sites: list[Site], config: LoraConfig, model: nn.Module) -> dic
     return layers
 
 
-def _warn(message: str, category: type[Warning]) -> None:
-    """A warning attributed to the first caller outside adaptc (its front end and its passes)."""
-    import adaptc
-
-    inside = tuple(os.path.dirname(f) + os.sep for f in (adaptc.__file__, __file__))
-    frame, level = sys._getframe(1), 2  # stacklevel 2 is the frame that called _warn
-    while frame is not None and frame.f_code.co_filename.startswith(inside):
-        frame, level = frame.f_back, level + 1
-    warnings.warn(message, category, stacklevel=level)
-
-
 def insert(gm: fx.GraphModule, model: nn.Module, layers: dict[str, LoraLayer], prefix: str) -> int:
-    """Route every use of a selected weight in ``gm.graph`` through its LoraLayer; returns the count.
-
-    ``prefix`` is the dotted path under ``gm`` of the module dict holding ``layers`` by site key.
-    """
-    graph = gm.graph
-    count = 0
-    # Last op first: rerouting an op's users then also reaches the adapters inserted after it,
-    # whose input was recorded as the op's original node.
-    for match in reversed(match_ops(gm, model)):
-        layer = layers.get(match.site.name)
-        if layer is None or layer.kind != match.site.kind:
-            continue
-        node = match.node
-        with graph.inserting_before(node):
-            weight = match.weight if match.weight is not None else graph.get_attr(match.site.weight)
-            bias = match.bias
-            if isinstance(bias, str):  # a call_module leaf (fx graphs): read its bias attribute
-                bias = graph.get_attr(f"{node.target}.bias")
-        with graph.inserting_after(node):
-            adapted = graph.call_module(f"{prefix}.{site_key(match.site.name)}", (match.x, node, weight, bias))
-        adapted.meta = {k: v for k, v in node.meta.items() if k in ("nn_module_stack", "stack_trace")}
-        node.replace_all_uses_with(adapted, delete_user_cb=lambda user, adapted=adapted: user is not adapted)
-        count += 1
-    return count
+    """Route every use of a selected weight in ``gm.graph`` through its LoraLayer; returns the count."""
+    return route_weight_uses(gm, model, layers, prefix)

@@ -21,6 +21,7 @@ from torch import fx, nn
 
 from adaptc.config import PrefixConfig
 
+from .attention import canonicalize
 from .sequence import AttentionSite, attention_nodes
 
 PREFIX_META = "adaptc_prefix_of"  # node.meta key: the attention op a prefix node replaced
@@ -130,8 +131,6 @@ _SDPA_ARGS = ("attn_mask", "dropout_p", "is_causal")
 
 def insert(gm: fx.GraphModule, layers: dict[str, str]) -> int:
     """Replace each selected attention op by a call of its prefix layer (``layers``: site -> module target)."""
-    from .attention import canonicalize
-
     canonicalize(gm)  # unfused attention becomes one op first
     count = 0
     for name, node in attention_nodes(gm).items():

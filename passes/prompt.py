@@ -249,13 +249,11 @@ def _functional_lookup(model: nn.Module, table: str, replace_rows) -> Iterator[N
     The table is fetched at call time, not before: torch.export swaps a module's parameters for
     its own tensors while it traces.
     """
-    from adaptc.capture import _resolve
-
     original = F.embedding
 
     def embedding(input, weight, *args, **kwargs):
         out = original(input, weight, *args, **kwargs)
-        return replace_rows(None, None, out) if weight is _resolve(model, table) else out
+        return replace_rows(None, None, out) if weight is _attribute(model, table) else out
 
     F.embedding = embedding
     try:
@@ -328,3 +326,10 @@ def _map_output(fn, out: Any) -> Any:
             out[key] = _map_output(fn, out[key])
         return out
     return pytree.tree_map(lambda leaf: fn(leaf) if isinstance(leaf, torch.Tensor) else leaf, out)
+
+
+def _attribute(root: nn.Module, dotted: str) -> object:
+    obj: object = root
+    for name in dotted.split("."):
+        obj = getattr(obj, name)
+    return obj

@@ -25,6 +25,7 @@ from adaptc.errors import TargetError
 from adaptc.inputs import Inputs
 
 from . import speedups
+from .attention import _MATMUL, _match
 
 _SDPA = {torch.ops.aten.scaled_dot_product_attention.default, F.scaled_dot_product_attention}
 _EMBEDDING = {torch.ops.aten.embedding.default, F.embedding}
@@ -200,8 +201,6 @@ def _placeholder_input_name(placeholder: fx.Node, model: nn.Module, inputs: Inpu
 
 def _first_attention(gm: fx.GraphModule) -> fx.Node | None:
     """The first attention op: a fused one, or the q @ k^T matmul of an unfused one (both take q first)."""
-    from .attention import _MATMUL, _match
-
     for node in gm.graph.nodes:
         if is_attention(node) or (node.op == "call_function" and node.target in _MATMUL and _match(node)):
             return node

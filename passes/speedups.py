@@ -8,7 +8,7 @@ to the graphs adaptc captures:
   forward, more backward, each a pass over the widest activation. It becomes one
   ``aten.gelu(x, approximate='tanh')`` (the same formula, one kernel each way). Training graphs only.
 * **dropout**: ``aten.dropout`` draws a float mask with ``bernoulli_`` and keeps it for the
-  backward. :func:`dropout` draws a bool mask from packed random bits (passes/lora_fused.py's
+  backward. :func:`dropout` draws a bool mask from packed random bits (passes/dropout_mask.py's
   ``keep_mask``: about 3x cheaper to draw, a quarter of the memory kept). Same distribution
   (p resolved to 1/65536), different random numbers than eager PyTorch.
 
@@ -66,17 +66,18 @@ def dropout(x: torch.Tensor, p: float, train: bool) -> torch.Tensor:
 torch.fx.wrap("dropout")  # a leaf if a graph holding it is ever traced again with fx
 
 
-def apply(gm: fx.GraphModule) -> None:
-    """The rewrites on ``gm.graph`` (in place).
+def fuse_kernels(gm: fx.GraphModule) -> int:
+    """Fused tanh-GELU, RMSNorm and RoPE in ``gm.graph`` (in place); returns how many were fused.
 
-    GELU, RMSNorm and RoPE are fused in training graphs only: the fused kernels round differently (~1e-7),
+    The pass manager runs it on training graphs only: the fused kernels round differently (~1e-7),
     and an evaluation graph with a zero adapter stays bit-identical to the base model.
     """
-    if getattr(gm, "_adaptc_active", True):  # the mode whose graph the hook is editing
-        _fuse_tanh_gelu(gm.graph)
-        _fuse_rms_norm(gm)
-        _fuse_rotary(gm.graph)
-    _fast_dropout(gm.graph)
+    return _fuse_tanh_gelu(gm.graph) + _fuse_rms_norm(gm) + _fuse_rotary(gm.graph)
+
+
+def fast_dropout(gm: fx.GraphModule) -> int:
+    """Dropout with a bool mask (:func:`dropout`) in ``gm.graph``; returns how many were replaced."""
+    return _fast_dropout(gm.graph)
 
 
 def _fast_dropout(graph: fx.Graph) -> int:

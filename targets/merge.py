@@ -20,13 +20,17 @@ has no trainable parameter and keeps running its captured graph.
 from __future__ import annotations
 
 import contextlib
+import copy
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
+from adaptc.passes.quantize import dequantize_model, owner_of
+from adaptc.passes.sites import site_key
 from torch import nn
 
 from adaptc.errors import MergeError
+from adaptc.methods import get_method
 
 
 @dataclass
@@ -60,16 +64,22 @@ def _site_users(am, param: nn.Parameter) -> set[str]:
 
 
 def lora_adapters(am, names: list[str] | None = None) -> list[str]:
-    """The LoRA adapters among ``names`` (default: all), in the model's order."""
+    """The adapters among ``names`` (default: all) whose method folds into weights (LoRA), in the model's order."""
+    return _merging(am, "weights", names)
+
+
+def constant_adapters(am, names: list[str] | None = None) -> list[str]:
+    """The adapters among ``names`` (default: all) whose method merges into constants (the prompt methods)."""
+    return _merging(am, "constants", names)
+
+
+def _merging(am, kind: str, names: list[str] | None) -> list[str]:
     configs = am.adapter_configs()
-    return [n for n in am.adapters if (names is None or n in names) and configs[n].method == "lora"]
+    return [n for n in am.adapters if (names is None or n in names) and get_method(configs[n]).merge == kind]
 
 
 def plan(am, names: list[str]) -> list[WeightMerge]:
     """What merging adapters ``names`` would write, checked before anything changes."""
-    from adaptc.passes.quantize import owner_of
-    from adaptc.passes.sites import site_key
-
     names = lora_adapters(am, names)
     model = am.base_model
     by_weight: dict[int, WeightMerge] = {}
@@ -112,16 +122,7 @@ def merged_weight(entry: WeightMerge) -> torch.Tensor:
     compute = torch.promote_types(stored.dtype, torch.float32)
     current = stored.to(compute)
     for layer in entry.layers:
-        delta = layer.delta_weight().to(compute)
-        if not layer.use_dora:
-            current = current + delta
-            continue
-        # DoRA's forward: m / ||W0 + dW|| * (W x + dW x), the norm of the *stored* weight plus dW.
-        norm = layer._weight_norm(stored.to(compute)).reshape(-1)
-        channel_scale = layer.lora_magnitude_vector.to(compute) / norm
-        oriented = layer._oriented(current + delta)
-        oriented = oriented * channel_scale.reshape((-1,) + (1,) * (oriented.dim() - 1))
-        current = layer._oriented(oriented)  # back to the stored orientation (a transpose is its own inverse)
+        current = layer.merge_into(current, stored)  # each method's layer folds its own update
     return current.to(stored.dtype)
 
 
@@ -152,7 +153,14 @@ def merge(am, safe: bool = False, requantize: bool = False) -> nn.Module:
             raise MergeError(f"{flag} must be True or False, got {value!r}; nothing was merged")
     active = [n for n in am.active_adapters if n in am.adapters]
     names = lora_adapters(am, active)
-    prompts = [n for n in active if n not in names]
+    prompts = constant_adapters(am, active)
+    unmergeable = [n for n in active if n not in names and n not in prompts]
+    if unmergeable:
+        method = get_method(am.adapter_configs()[unmergeable[0]]).name
+        raise MergeError(
+            f"adapter {unmergeable[0]!r} ({method}) cannot be merged: its method has no merged form. Keep it "
+            "unmerged, or deactivate it (set_adapter) before merging the others; nothing was merged"
+        )
     entries = plan(am, names)  # raises before any weight is written
     if safe:
         _check_finite(entries)  # computed twice rather than holding a copy of every weight
@@ -181,12 +189,7 @@ def _check_prompts_finite(am, names: list[str]) -> None:
 
 def fold_prompt_adapter(am, name: str) -> None:
     """Turn a prompt-method adapter into constants: nothing of it trains any more."""
-    layers = am.adapters[name]
-    for layer in list(layers.values()):
-        if hasattr(layer, "fold"):
-            layer.fold()
-    if "prefix_encoder" in layers:  # every prefix layer now holds its own constants
-        del layers["prefix_encoder"]
+    get_method(am.adapter_configs()[name]).fold(am, name)
     am._forget_graphs(name)  # graphs that traced the prompt's computation are captured again
 
 
@@ -230,10 +233,6 @@ def merged_copy(am) -> nn.Module:
     Every quantized layer of the copy becomes an ``nn.Linear`` (dequantized, plus the adapters'
     update where they apply): what ONNX export lowers for a QLoRA model.
     """
-    import copy
-
-    from adaptc.passes.quantize import dequantize_model
-
     entries = plan(am, [n for n in am.active_adapters if n in am.adapters])
     clone = copy.deepcopy(am.base_model)
     for entry in entries:

@@ -10,6 +10,7 @@ the machine that ran it.
 
 from __future__ import annotations
 
+import logging
 import statistics
 import time
 from collections import Counter
@@ -20,8 +21,14 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 import onnxruntime as ort
+from onnxscript.rewriter.ort_fusions import optimize_for_ort
 
 from adaptc.errors import ExportError
+
+from .flat_gemm import unflatten_gemms
+from .linear_rules import prefiltered_default_rules
+from .mha_bias import true_bias_mha
+from .rope_angles import expand_rotary_positions, rope_angles_as_matmul
 
 CONTRIB_DOMAIN = "com.microsoft"
 EXTERNAL_MIN_BYTES = 1024  # initializers from this size go to the .data file when data is external
@@ -44,15 +51,6 @@ def fuse(path: Path) -> tuple[ir.Model, dict[str, int]]:
 
 
 def _fuse(model: ir.Model, rope: bool) -> tuple[ir.Model, dict[str, int]]:
-    import logging
-
-    from onnxscript.rewriter.ort_fusions import optimize_for_ort
-
-    from .flat_gemm import unflatten_gemms
-    from .linear_rules import prefiltered_default_rules
-    from .mha_bias import true_bias_mha
-    from .rope_angles import expand_rotary_positions, rope_angles_as_matmul
-
     quiet = logging.getLogger("onnx_ir")
     level = quiet.level
     quiet.setLevel(logging.ERROR)  # it warns for every LoRA input it must not deduplicate

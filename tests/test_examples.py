@@ -1,7 +1,7 @@
 """The worked examples, run end to end with tiny settings: they train, export ONNX and ONNX Runtime agrees.
 
 These check that the examples run and that their ONNX models match PyTorch; the before/after figures
-of the full runs are in the README (a few steps cannot be required to raise an accuracy).
+of the full runs are in docs/examples.md (a few steps cannot be required to raise an accuracy).
 """
 
 from __future__ import annotations

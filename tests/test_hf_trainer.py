@@ -17,7 +17,7 @@ from adaptc.hf import AdapterTrainer
 
 peft = pytest.importorskip("peft")
 
-# PEFT warns that it ignores the "adaptc" field of adapter_config.json (see the README).
+# PEFT warns that it ignores the "adaptc" field of adapter_config.json (see docs/checkpoints.md).
 pytestmark = pytest.mark.filterwarnings("ignore:Unexpected keyword arguments:UserWarning")
 
 SEQ = 16

@@ -20,13 +20,18 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import nn
 
 from adaptc.errors import CheckpointError, ConfigError
+from adaptc.passes.manager import ADAPTERS_ATTR
+
+
+def adapter_prefix(adapter_name: str) -> str:
+    """The dotted path, in a captured graph, of adapter ``adapter_name``'s modules (keyed by site key)."""
+    return f"{ADAPTERS_ATTR}.{adapter_name}"
 
 
 @dataclasses.dataclass
@@ -54,6 +59,7 @@ class Method:
     edits_sequence: bool = False
     merge: str | None = None  # "weights", "constants" or None
     unmerged_export: bool = False
+    site_table: bool = True  # `adaptc inspect` shows the table of sites (and --plot plots it)
 
     # -- building -------------------------------------------------------------------------------
 
@@ -61,13 +67,25 @@ class Method:
         raise NotImplementedError(f"method {self.name!r} does not implement build()")
 
     def remove(self, graph: torch.fx.GraphModule, adapter_name: str) -> None:
-        """Undo this method's graph edits for ``adapter_name`` (its call_module nodes are removed for it)."""
+        """Undo this method's own graph edits for ``adapter_name``. Afterwards AdaptedModel routes every
+        remaining ``call_module`` node of the adapter (args ``(x, base output, ...)``) back to its base output."""
+
+    def fold(self, am: Any, adapter_name: str) -> None:
+        """``merge == "constants"``: turn the adapter into constants (each layer's ``fold()``); nothing trains."""
+        for layer in am.adapters[adapter_name].values():
+            if hasattr(layer, "fold"):
+                layer.fold()
 
     def describe(self, am: Any, adapter_name: str) -> list[str]:
-        """Lines the CLI prints after ``inject``: the settings and where the adapter acts."""
+        """Lines ``adaptc inject`` prints: the settings, where the adapter acts (printed after the model's
+        name), then any details."""
         config = am.adapter_configs()[adapter_name]
         settings = " ".join(f"{k}={v!r}" for k, v in config.to_dict().items() if k != "method")
         return [f"{self.name}: {settings}", f"{len(am.adapter_sites(adapter_name))} sites adapted"]
+
+    def inspect(self, graph: Any, model: nn.Module, inputs: Any, config: Any) -> list[str]:
+        """Lines ``adaptc inspect --method <name>`` prints when ``site_table`` is False: where the method acts."""
+        return []
 
     # -- checkpoints ------------------------------------------------------------------------------
 
@@ -140,9 +158,9 @@ def get_method(name_or_config: Any) -> Method:
         if key in _METHODS:
             return _METHODS[key]
         raise ConfigError(f"unknown method {name_or_config!r}; known methods: {', '.join(_METHODS)}")
-    for method in _METHODS.values():
-        if isinstance(name_or_config, method.config_class):
-            return method
+    method = _METHODS.get(getattr(type(name_or_config), "method", None))  # a config names its method
+    if method is not None and isinstance(name_or_config, method.config_class):
+        return method
     raise ConfigError(
         f"method must be a method name ({', '.join(_METHODS)}) or a config object, got {type(name_or_config).__name__}"
     )
@@ -166,8 +184,8 @@ def method_for_checkpoint(config: dict[str, Any], path: str) -> Method:
         if method.recognizes(config):
             return method
     raise CheckpointError(
-        f"{path}: peft_type {config.get('peft_type')!r} is not a method adaptc has "
-        f"({', '.join(m.checkpoint_type for m in _METHODS.values())})"
+        f"{path}: peft_type is {config.get('peft_type')!r}; adaptc loads "
+        f"{', '.join(repr(m.checkpoint_type) for m in _METHODS.values())} adapters (register_method adds a method)"
     )
 
 
@@ -175,5 +193,3 @@ def config_dict(config: Any) -> dict[str, Any]:
     """A config as JSON-safe values (what checkpoints store as adaptc's own config)."""
     return json.loads(json.dumps(config.to_dict(), default=list))
 
-
-MethodFactory = Callable[[], Method]

@@ -11,16 +11,14 @@ constant virtual tokens it is (as a prompt-tuning adapter) and says so.
 
 from __future__ import annotations
 
-import json
-import uuid
 import warnings
 from typing import Any
 
-import safetensors.torch
 import torch
 
-from .config import PrefixConfig, PromptConfig, PTuningConfig
-from .errors import CheckpointError
+from adaptc.config import PrefixConfig, PromptConfig, PTuningConfig
+from adaptc.errors import CheckpointError
+from adaptc.passes.sites import site_key
 
 PEFT_TYPES = {"prompt": "PROMPT_TUNING", "ptuning": "P_TUNING", "prefix": "PREFIX_TUNING"}
 METHOD_OF = {v: k for k, v in PEFT_TYPES.items()}
@@ -44,8 +42,6 @@ def is_prompt_checkpoint(config: dict[str, Any]) -> bool:
 
 
 def _prefix_table(am: Any, name: str) -> torch.Tensor:
-    from adaptc.passes.sites import site_key
-
     layers = am.adapters[name]
     rows = []
     for site in am.adapter_sites(name):
@@ -55,10 +51,8 @@ def _prefix_table(am: Any, name: str) -> torch.Tensor:
     return torch.cat(rows, dim=1)
 
 
-def serialize(am: Any, name: str, digest, config_dict) -> tuple[bytes, bytes]:
-    """(config bytes, safetensors bytes) of prompt-method adapter ``name``."""
-    import adaptc
-
+def save(am: Any, name: str) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """PEFT's config fields and tensors of prompt-method adapter ``name``."""
     config = am.adapter_configs()[name]
     layers = am.adapters[name]
     sites = am.adapter_sites(name)
@@ -87,18 +81,12 @@ def serialize(am: Any, name: str, digest, config_dict) -> tuple[bytes, bytes]:
         if encoder is not None:
             for pname, param in encoder.state_dict().items():
                 tensors[ENCODER + pname] = param.detach().cpu().contiguous().clone()
-    base = am.base_model
     fields.update(
-        peft_type=PEFT_TYPES[config.method], task_type=_task_type(base), num_virtual_tokens=config.num_virtual_tokens,
-        token_dim=token_dim, num_transformer_submodules=1, inference_mode=True,
-        base_model_name_or_path=getattr(getattr(base, "config", None), "name_or_path", None) or None,
-        revision=None, modules_to_save=None,
-        auto_mapping={"base_model_class": type(base).__name__, "parent_library": type(base).__module__},
-        adaptc={"version": adaptc.__version__, "config": config_dict(config), "save_id": uuid.uuid4().hex},
+        peft_type=PEFT_TYPES[config.method], task_type=_task_type(am.base_model),
+        num_virtual_tokens=config.num_virtual_tokens, token_dim=token_dim, num_transformer_submodules=1,
+        inference_mode=True, revision=None, modules_to_save=None,
     )
-    text = json.dumps(fields, indent=2, sort_keys=True) + "\n"
-    metadata = {"format": "pt", "adaptc_config": text, "adaptc_sha256": digest(tensors)}
-    return text.encode("utf-8"), safetensors.torch.save(tensors, metadata=metadata)
+    return fields, tensors
 
 
 def _config_from_file(config: dict[str, Any], has_encoder: bool, path: str) -> Any:
@@ -127,8 +115,6 @@ def _config_from_file(config: dict[str, Any], has_encoder: bool, path: str) -> A
 
 def load(am: Any, ckpt: Any, adapter_name: str) -> None:
     """Add the checkpoint's prompt-method adapter to ``am`` under ``adapter_name`` and fill it in."""
-    from adaptc.passes.sites import site_key
-
     table = ckpt.tensors.get(TABLE)
     if table is None or table.dim() != 2:
         raise CheckpointError(f"{ckpt.weights_path} has no 2-d {TABLE!r} tensor; it is not a prompt-method adapter")

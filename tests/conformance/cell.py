@@ -14,7 +14,7 @@ Stages, in order (the first that fails is the cell's outcome):
 
 The reference throughout is independent of the stage under test: the adapted model run unmerged in
 PyTorch. Adapters start randomized so that a merge or a load that dropped them would show.
-PEFT is tried on a fresh copy of the same model (``peft_support``) for the README's comparison.
+PEFT is tried on a fresh copy of the same model (``peft_support``) for the comparison in docs/conformance.md.
 """
 
 from __future__ import annotations

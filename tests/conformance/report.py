@@ -1,7 +1,7 @@
 """Write the conformance matrix as markdown from the last run (results.json).
 
-    .venv/bin/python tests/conformance/report.py                  # print the table
-    .venv/bin/python tests/conformance/report.py --readme README.md  # replace the table in the README
+    .venv/bin/python tests/conformance/report.py          # print the table
+    .venv/bin/python tests/conformance/report.py --write  # replace the table in docs/conformance.md
 
 Each cell is adaptc's outcome (pass, n/a = the clear error for a method that does not apply, or
 the stage that failed and why) next to what PEFT did on a fresh copy of the same model (yes, or
@@ -19,6 +19,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from zoo import ARCHS, METHODS  # noqa: E402
 
 RESULTS = Path(__file__).with_name("results.json")
+DOC = Path(__file__).resolve().parents[2] / "docs" / "conformance.md"  # where `make conformance` writes the table
 BEGIN, END = "<!-- conformance:begin -->", "<!-- conformance:end -->"
 NAMES = {"lora": "LoRA", "prompt": "prompt tuning", "ptuning": "P-tuning", "prefix": "prefix tuning"}
 
@@ -73,26 +74,29 @@ def table(results: dict) -> str:
     return "\n".join(out) + "\n"
 
 
-def replace_in(readme: Path, text: str) -> None:
-    content = readme.read_text()
+def replace_in(doc: Path, text: str) -> None:
+    content = doc.read_text()
     if BEGIN not in content or END not in content:
-        raise SystemExit(f"{readme} has no {BEGIN} ... {END} markers; add them where the table goes")
+        raise SystemExit(f"{doc} has no {BEGIN} ... {END} markers; add them where the table goes")
     before, rest = content.split(BEGIN, 1)
     _, after = rest.split(END, 1)
-    tmp = readme.with_suffix(".tmp")
+    tmp = doc.with_suffix(".tmp")
     tmp.write_text(f"{before}{BEGIN}\n{text}{END}{after}")
-    tmp.replace(readme)
+    tmp.replace(doc)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--readme", type=Path, help="replace the table between the conformance markers in this file")
+    parser.add_argument(
+        "--write", type=Path, nargs="?", const=DOC, metavar="FILE",
+        help=f"replace the table between the conformance markers in FILE (default: {DOC.relative_to(DOC.parents[1])})",
+    )
     args = parser.parse_args()
     if not RESULTS.exists():
         raise SystemExit(f"no {RESULTS}: run `make conformance` first")
     text = table(json.loads(RESULTS.read_text()))
-    if args.readme:
-        replace_in(args.readme, text)
+    if args.write:
+        replace_in(args.write, text)
     print(text, end="")
 
 

@@ -1,7 +1,7 @@
 """The conformance matrix: every architecture of zoo.py x LoRA, prompt tuning, P-tuning, prefix tuning.
 
 Each cell runs every stage of cell.py and records its outcome in results.json (for report.py,
-which writes the README's table). A cell passes when every stage passes, or when the method does
+which writes the table in docs/conformance.md). A cell passes when every stage passes, or when the method does
 not apply (a prompt method on a model without attention) and inject raised the clear TargetError.
 Cells that fail for a known reason are listed in KNOWN with that reason: they are strict xfails,
 shown as failures in the table, never as passes.

@@ -25,7 +25,7 @@ from robust_helpers import ROOT, TINY, M, assert_model_unchanged, model_snapshot
 
 import adaptc
 from adaptc.cli import main
-from adaptc.config import make_config
+from adaptc.methods import make_config
 
 SETTINGS = dict(deadline=None, derandomize=True, database=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
                                                                        HealthCheck.too_slow])

@@ -1,0 +1,81 @@
+"""LoRA (with rsLoRA, DoRA, PiSSA, rank/alpha patterns): the method's registry entry."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import torch
+
+from adaptc.config import LoraConfig
+from adaptc.errors import AdaptcError
+from adaptc.passes import lora, lora_fused
+from adaptc.passes.manager import GraphPass
+from adaptc.passes.selection import select
+from adaptc.passes.sites import site_key
+from adaptc.tables import in_out, number, table
+
+from . import lora_checkpoint
+from .base import AdapterBuild, Method, adapter_prefix
+
+
+class LoraPass(GraphPass):
+    """Route every use of the selected weights through their LoraLayer (then fuse siblings)."""
+
+    name = "lora"
+
+    def __init__(self, model: torch.nn.Module, layers: dict, prefix: str, config: LoraConfig, expected_uses: int):
+        self.model, self.layers, self.prefix = model, layers, prefix
+        self.config, self.expected_uses = config, expected_uses
+
+    def run(self, gm: torch.fx.GraphModule) -> bool:
+        count = lora.insert(gm, self.model, self.layers, self.prefix)
+        if self.config.fuse_siblings:
+            lora_fused.fuse_siblings(gm, self.prefix)
+        if count < self.expected_uses:
+            raise AdaptcError(
+                f"the LoRA pass found {count} of the {self.expected_uses} selected op uses in a newly captured graph "
+                f"of {type(self.model).__name__}; the graph differs between modes or inputs in a way adaptc does not "
+                "handle yet. Capture with the inputs and mode you will use."
+            )
+        return count > 0
+
+
+class LoraMethod(Method):
+    name = "lora"
+    config_class = LoraConfig
+    peft_types = ("LORA",)
+    merge = "weights"
+    unmerged_export = True
+
+    def build(self, am: Any, adapter_name: str, config: LoraConfig) -> AdapterBuild:
+        chosen = select(am.all_sites, config.targets, config.exclude, config.layers, config.layers_pattern)
+        chosen = [dataclasses.replace(site) for site in chosen]  # params_added is per adapter
+        layers = lora.build_layers(chosen, config, am.base_model)
+        graph_pass = LoraPass(am.base_model, dict(layers), adapter_prefix(adapter_name), config,
+                              sum(site.uses for site in chosen))
+        return AdapterBuild(config, chosen, {site_key(n): layer for n, layer in layers.items()}, graph_pass)
+
+    def remove(self, graph: torch.fx.GraphModule, adapter_name: str) -> None:
+        lora_fused.unfuse(graph, adapter_name)
+
+    def save(self, am: Any, adapter_name: str) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+        return lora_checkpoint.save(am, adapter_name)
+
+    def load(self, am: Any, checkpoint: Any, adapter_name: str) -> None:
+        lora_checkpoint.load(am, checkpoint, adapter_name)
+
+    def recognizes(self, checkpoint_config: dict[str, Any]) -> bool:
+        return checkpoint_config.get("peft_type", "LORA") == "LORA"  # PEFT's oldest files have no peft_type
+
+    def describe(self, am: Any, adapter_name: str) -> list[str]:
+        config, sites = am.adapter_configs()[adapter_name], am.adapter_sites(adapter_name)
+        extras = " rslora" * config.rslora + " dora" * config.use_dora
+        head = (
+            f"lora: r={config.r} alpha={config.alpha:g} dropout={config.dropout:g} init={config.init}{extras} "
+            f"targets={config.targets!r}" + (f" exclude={config.exclude!r}" if config.exclude is not None else "")
+            + (f" layers={config.layers!r}" if config.layers is not None else "")
+        )
+        rows = [[s.name, s.op, s.shapes(), in_out(s), config.rank_for(s.name), number(s.params_added)] for s in sites]
+        return [head, f"{len(sites)} site{'s' if len(sites) != 1 else ''} matched",
+                table(["site", "op", "weight", "in->out", "r", "params added"], rows, right=(4, 5))]
