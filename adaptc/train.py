@@ -34,10 +34,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 from .atomic import atomic_write_text
 from .errors import CheckpointError, ConfigError, InputError, TrainingError
+from .plot import loss_curve
 from .train_state import checkpoint_dir, load_state, save_checkpoint
 
 LOG_NAME = "train_log.json"
@@ -276,6 +279,82 @@ def _autocast(device: torch.device, bf16: bool) -> Any:
 
 
 # --- the loop --------------------------------------------------------------------------------------
+#
+# train() is a sequence of stages: check the arguments, plan the run, set up the optimizer, start
+# (resume or evaluate step 0), then loop: next batch -> micro-step -> optimizer step -> record ->
+# evaluate and checkpoint. Each stage is a small function over the dataclasses below.
+
+@dataclass
+class _Plan:
+    """The run's length and evaluation points, fixed before the first step (resume checks ``schedule``)."""
+
+    total: int
+    warmup: int
+    eval_every: int
+    rank: int
+    world: int
+    schedule: dict[str, Any]
+
+    def evaluation_due(self, step: int) -> bool:
+        return step % self.eval_every == 0 or step == self.total
+
+
+@dataclass
+class _Setup:
+    """What every stage of the loop uses and none replaces: model, optimizer, scheduler, run state, options."""
+
+    am: nn.Module
+    model: nn.Module  # am, or its DistributedDataParallel wrapper
+    caller: _Caller
+    device: torch.device
+    params: list[nn.Parameter]
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    run: _Run
+    config: TrainConfig
+    plan: _Plan
+    loss: LossFn | None
+    metric: MetricFn | None
+    eval_batches: Any
+
+
+@dataclass
+class _Cursor:
+    """Where the loop is in the data: the epoch, the batches of it consumed (all ranks'), its iterator."""
+
+    data: _Batches
+    epoch: int
+    index: int
+    iterator: Iterator[Batch]
+
+
+@dataclass
+class _Accumulation:
+    """The losses of the micro-batches since the last optimizer step; ``size`` of them make a step."""
+
+    size: int
+    losses: list[float] = field(default_factory=list)
+
+    @property
+    def ready(self) -> bool:
+        return len(self.losses) >= self.size
+
+
+@dataclass
+class _Throughput:
+    """Samples seen and time spent; evaluation time is left out so samples/s is the training rate."""
+
+    start: float
+    eval_seconds: float = 0.0
+    samples: int = 0
+
+    def seconds(self) -> float:
+        return time.perf_counter() - self.start - self.eval_seconds
+
+    def rate(self) -> float:
+        seconds = self.seconds()
+        return self.samples / seconds if seconds > 0 else 0.0
+
 
 def train(
     am: nn.Module,
@@ -296,6 +375,45 @@ def train(
     KeyboardInterrupt after writing ``last/`` at the last completed step.
     """
     config = _make_config(config, options)
+    root = _check_arguments(loss, metric, output_dir, resume)
+    params = _trainable_parameters(am)
+    data = _Batches(batches, config.seed)
+    plan = _plan(config, data)
+    setup = _set_up(am, params, root, config, plan, loss=loss, metric=metric, eval_batches=eval_batches)
+    _start(setup, resume)
+    cursor = _cursor(data, setup.run, resume)
+    modes = {m: m.training for m in am.modules()}  # put back if training stops with an error
+    am.train()
+    run = setup.run
+    bar = _progress_bar(config, plan, run.step)
+    micro, speed = _Accumulation(config.batch_accum), _Throughput(time.perf_counter())
+    try:
+        while run.step < plan.total:
+            batch = _next_batch(cursor, plan)
+            _micro_step(setup, batch, micro, speed)
+            if not micro.ready:
+                continue
+            _optimizer_step(setup, micro)
+            _record_step(setup, cursor, micro, speed, bar)
+            if plan.evaluation_due(run.step):
+                _evaluate_and_checkpoint(setup, speed, bar)
+    except KeyboardInterrupt:
+        _abandon(bar, modes)
+        _save_interrupted(setup)
+        raise
+    except BaseException:
+        _abandon(bar, modes)
+        raise
+    bar.close()
+    seconds = speed.seconds()  # before finish(): writing the log and plot is not training time
+    run.finish()
+    return run.result(seconds, speed.samples)
+
+
+# --- stages before the loop ------------------------------------------------------------------------
+
+def _check_arguments(loss: Any, metric: Any, output_dir: Any, resume: bool) -> Path | None:
+    """Refuse bad arguments before any work; returns the output folder, if any."""
     for name, fn in (("loss", loss), ("metric", metric)):
         if fn is not None and not callable(fn):
             raise InputError(f"{name} must be a function ({name}(output, batch)), got {type(fn).__name__}")
@@ -306,10 +424,17 @@ def train(
     root = Path(output_dir) if output_dir is not None else None
     if root is not None and root.exists() and not root.is_dir():
         raise InputError(f"output_dir {str(root)!r} is a file; pass a folder")
+    return root
+
+
+def _trainable_parameters(am: nn.Module) -> list[nn.Parameter]:
     params = [p for p in am.parameters() if p.requires_grad]
     if not params:
         raise InputError("the model has no parameter that requires grad; inject or load an adapter first")
-    data = _Batches(batches, config.seed)
+    return params
+
+
+def _plan(config: TrainConfig, data: _Batches) -> _Plan:
     rank, world = _world()
     # Under torch.distributed each rank takes every world-th batch, so an epoch is world times fewer steps.
     total = config.steps if config.steps is not None else math.ceil(config.epochs * data.count() / config.batch_accum / world)
@@ -320,112 +445,148 @@ def train(
     schedule = {"total_steps": total, "warmup_steps": warmup, "lr": config.lr, "weight_decay": config.weight_decay,
                 "batch_accum": config.batch_accum, "seed": config.seed, "bf16": config.bf16,
                 "max_grad_norm": config.max_grad_norm}
+    return _Plan(total=total, warmup=warmup, eval_every=eval_every, rank=rank, world=world, schedule=schedule)
 
+
+def _set_up(am: nn.Module, params: list[nn.Parameter], root: Path | None, config: TrainConfig, plan: _Plan, *,
+            loss: LossFn | None, metric: MetricFn | None, eval_batches: Any) -> _Setup:
     device = _device_of(am)
     caller = _Caller(am, device)
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    warmup, total = plan.warmup, plan.total
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, warmup, total))
-    run = _Run(am, root, schedule, config, writer=rank == 0)
-    model = _data_parallel(am, device) if world > 1 else am
+    run = _Run(am, root, plan.schedule, config, writer=plan.rank == 0)
+    model = _data_parallel(am, device) if plan.world > 1 else am
+    return _Setup(am=am, model=model, caller=caller, device=device, params=params, optimizer=optimizer,
+                  scheduler=scheduler, run=run, config=config, plan=plan, loss=loss, metric=metric,
+                  eval_batches=eval_batches)
 
+
+def _start(setup: _Setup, resume: bool) -> None:
+    """Continue from ``last/``, or seed torch and evaluate step 0 (the figure before training)."""
     if resume:
-        run.resume(optimizer, scheduler)
-    else:
-        torch.manual_seed(config.seed)
-        if eval_batches is not None:  # step 0: the figure before training
-            run.record_eval(0, evaluate(am, eval_batches, loss=loss, metric=metric, bf16=config.bf16))
+        setup.run.resume(setup.optimizer, setup.scheduler)
+        return
+    torch.manual_seed(setup.config.seed)
+    if setup.eval_batches is not None:
+        setup.run.record_eval(0, _evaluate(setup))
 
-    from tqdm.auto import tqdm
 
+def _cursor(data: _Batches, run: _Run, resume: bool) -> _Cursor:
     epoch, index = run.position
     iterator = _skip(data.epoch(epoch), index)
     if resume:
         torch.set_rng_state(run.rng)  # after re-creating the epoch's data, as the interrupted run had
-    modes = {m: m.training for m in am.modules()}  # put back if training stops with an error
-    am.train()
-    bar = tqdm(total=total, initial=run.step, desc="train", unit="step", disable=not config.progress or rank != 0,
-               file=sys.stderr, dynamic_ncols=True)
-    micro: list[float] = []
-    samples, t_start, t_eval = 0, time.perf_counter(), 0.0
-    try:
-        while run.step < total:
-            try:
-                batch = next(iterator)
-            except StopIteration:
-                if index == 0:
-                    raise InputError(f"epoch {epoch} yielded no batch; train_batches() must yield batches every time") from None
-                if index < world:  # every rank sees the same count, so all stop here together
-                    raise InputError(
-                        f"epoch {epoch} has {index} batches, fewer than the {world} processes; each process needs "
-                        "at least one: use fewer processes or smaller batches"
-                    ) from None
-                epoch, index = epoch + 1, 0
-                iterator = data.epoch(epoch)
-                continue
-            index += 1
-            if (index - 1) % world != rank:  # another rank's batch
-                continue
-            with _autocast(device, config.bf16):
-                output = model(**caller.inputs(batch))
-                value = compute_loss(output, caller.batch_on_device(batch), loss).float()
-            if not _finite_everywhere(value, world):  # every rank stops, or DDP's all-reduce would hang
-                raise run.nan_error(f"the loss is {value.item()}", len(micro) + 1, optimizer)
-            (value / config.batch_accum).backward()
-            micro.append(value.item())
-            samples += _batch_size(batch) * world
-            if len(micro) < config.batch_accum:
-                continue
-            # Without clipping (max_grad_norm=None) the norm is still computed: a NaN gradient with a finite
-            # loss (sqrt at 0, a bad custom op) must not reach the weights either. inf clips nothing.
-            limit = config.max_grad_norm if config.max_grad_norm is not None else math.inf
-            norm = torch.nn.utils.clip_grad_norm_(params, limit)
-            if not torch.isfinite(norm):
-                raise run.nan_error(f"the gradient norm is {norm.item()}", len(micro), optimizer)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            run.step += 1
-            run.position = (epoch, index)
-            run.rng = torch.get_rng_state()
-            seconds = time.perf_counter() - t_start - t_eval
-            rate = samples / seconds if seconds > 0 else 0.0
-            run.record_step(_mean_over_ranks(sum(micro) / len(micro), world), optimizer.param_groups[0]["lr"], rate)
-            micro = []
-            bar.update(1)
-            bar.set_postfix(loss=f"{run.log['steps'][-1]['loss']:.4f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}",
-                            samples_s=f"{rate:.1f}")
-            if run.step % eval_every == 0 or run.step == total:
-                t0 = time.perf_counter()
-                result = None
-                if eval_batches is not None:
-                    result = evaluate(am, eval_batches, loss=loss, metric=metric, bf16=config.bf16)
-                    run.record_eval(run.step, result)
-                    if rank == 0:
-                            bar.write(f"step {run.step}: " + ", ".join(f"eval {k} {v:.4f}" for k, v in result.items()),
-                                  file=sys.stderr)
-                run.checkpoint(optimizer, scheduler, result)
-                am.train()
-                t_eval += time.perf_counter() - t0
-    except KeyboardInterrupt:
-        _clear(bar)
-        _restore_modes(modes)
-        run.checkpoint(optimizer, scheduler, None, force=False)
-        run.finish()
-        raise
-    except BaseException:
-        _clear(bar)  # the error message, not a half-drawn bar, is what the user should see last
-        _restore_modes(modes)
-        raise
-    bar.close()
-    seconds = time.perf_counter() - t_start
-    run.finish()
-    return run.result(seconds - t_eval, samples)
+    return _Cursor(data=data, epoch=epoch, index=index, iterator=iterator)
+
+
+def _progress_bar(config: TrainConfig, plan: _Plan, step: int) -> Any:
+    # tqdm is not a declared dependency of adaptc: imported when a run starts, so `import adaptc` needs no tqdm.
+    from tqdm.auto import tqdm
+
+    return tqdm(total=plan.total, initial=step, desc="train", unit="step",
+                disable=not config.progress or plan.rank != 0, file=sys.stderr, dynamic_ncols=True)
+
+
+# --- stages of the loop ----------------------------------------------------------------------------
+
+def _next_batch(cursor: _Cursor, plan: _Plan) -> Batch:
+    """This rank's next batch, starting the next epoch when one runs out."""
+    while True:
+        try:
+            batch = next(cursor.iterator)
+        except StopIteration:
+            _check_epoch_length(cursor, plan.world)
+            cursor.epoch, cursor.index = cursor.epoch + 1, 0
+            cursor.iterator = cursor.data.epoch(cursor.epoch)
+            continue
+        cursor.index += 1
+        if (cursor.index - 1) % plan.world == plan.rank:  # else another rank's batch
+            return batch
+
+
+def _check_epoch_length(cursor: _Cursor, world: int) -> None:
+    if cursor.index == 0:
+        raise InputError(f"epoch {cursor.epoch} yielded no batch; train_batches() must yield batches every time") from None
+    if cursor.index < world:  # every rank sees the same count, so all stop here together
+        raise InputError(
+            f"epoch {cursor.epoch} has {cursor.index} batches, fewer than the {world} processes; each process needs "
+            "at least one: use fewer processes or smaller batches"
+        ) from None
+
+
+def _micro_step(setup: _Setup, batch: Batch, micro: _Accumulation, speed: _Throughput) -> None:
+    """Forward, loss and backward of one micro-batch; gradients add up until ``micro.ready``."""
+    with _autocast(setup.device, setup.config.bf16):
+        output = setup.model(**setup.caller.inputs(batch))
+        value = compute_loss(output, setup.caller.batch_on_device(batch), setup.loss).float()
+    if not _finite_everywhere(value, setup.plan.world):  # every rank stops, or DDP's all-reduce would hang
+        raise setup.run.nan_error(f"the loss is {value.item()}", len(micro.losses) + 1, setup.optimizer)
+    (value / micro.size).backward()
+    micro.losses.append(value.item())
+    speed.samples += _batch_size(batch) * setup.plan.world
+
+
+def _optimizer_step(setup: _Setup, micro: _Accumulation) -> None:
+    """Clip, step the optimizer and the schedule, clear the gradients."""
+    # Without clipping (max_grad_norm=None) the norm is still computed: a NaN gradient with a finite
+    # loss (sqrt at 0, a bad custom op) must not reach the weights either. inf clips nothing.
+    limit = setup.config.max_grad_norm if setup.config.max_grad_norm is not None else math.inf
+    norm = torch.nn.utils.clip_grad_norm_(setup.params, limit)
+    if not torch.isfinite(norm):
+        raise setup.run.nan_error(f"the gradient norm is {norm.item()}", len(micro.losses), setup.optimizer)
+    setup.optimizer.step()
+    setup.scheduler.step()
+    setup.optimizer.zero_grad(set_to_none=True)
+
+
+def _record_step(setup: _Setup, cursor: _Cursor, micro: _Accumulation, speed: _Throughput, bar: Any) -> None:
+    """Count the step, keep where to resume from, log the mean micro-batch loss and show it."""
+    run = setup.run
+    run.step += 1
+    run.position = (cursor.epoch, cursor.index)
+    run.rng = torch.get_rng_state()
+    rate = speed.rate()
+    lr = setup.optimizer.param_groups[0]["lr"]
+    run.record_step(_mean_over_ranks(sum(micro.losses) / len(micro.losses), setup.plan.world), lr, rate)
+    micro.losses = []
+    bar.update(1)
+    bar.set_postfix(loss=f"{run.log['steps'][-1]['loss']:.4f}", lr=f"{lr:.2e}", samples_s=f"{rate:.1f}")
+
+
+def _evaluate_and_checkpoint(setup: _Setup, speed: _Throughput, bar: Any) -> None:
+    """Evaluate (when there are eval batches) and write ``last/`` (and ``best/`` when it improved)."""
+    t0 = time.perf_counter()
+    run = setup.run
+    result = None
+    if setup.eval_batches is not None:
+        result = _evaluate(setup)
+        run.record_eval(run.step, result)
+        if setup.plan.rank == 0:
+            bar.write(f"step {run.step}: " + ", ".join(f"eval {k} {v:.4f}" for k, v in result.items()),
+                      file=sys.stderr)
+    run.checkpoint(setup.optimizer, setup.scheduler, result)
+    setup.am.train()  # whatever evaluation and saving left, training goes on in train mode
+    speed.eval_seconds += time.perf_counter() - t0
+
+
+def _evaluate(setup: _Setup) -> dict[str, float]:
+    return evaluate(setup.am, setup.eval_batches, loss=setup.loss, metric=setup.metric, bf16=setup.config.bf16)
+
+
+def _abandon(bar: Any, modes: dict[nn.Module, bool]) -> None:
+    _clear(bar)  # the error message, not a half-drawn bar, is what the user should see last
+    _restore_modes(modes)
+
+
+def _save_interrupted(setup: _Setup) -> None:
+    # last/ at the last completed step (none if no step since the start), so resume continues from there.
+    setup.run.checkpoint(setup.optimizer, setup.scheduler, None, force=False)
+    setup.run.finish()
 
 
 def _world() -> tuple[int, int]:
     """(rank, world size) of an initialised torch.distributed group; (0, 1) without one."""
-    import torch.distributed as dist
-
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
@@ -433,16 +594,12 @@ def _world() -> tuple[int, int]:
 
 def _data_parallel(am: nn.Module, device: torch.device) -> nn.Module:
     # Only the adapters require grad, so DDP's buckets carry adapter gradients only.
-    from torch.nn.parallel import DistributedDataParallel
-
     return DistributedDataParallel(am, device_ids=[device.index] if device.type == "cuda" else None)
 
 
 def _finite_everywhere(value: torch.Tensor, world: int) -> bool:
     finite = torch.isfinite(value.detach()).to(torch.int32)
     if world > 1:
-        import torch.distributed as dist
-
         dist.all_reduce(finite, op=dist.ReduceOp.MIN)
     return bool(finite.item())
 
@@ -450,8 +607,6 @@ def _finite_everywhere(value: torch.Tensor, world: int) -> bool:
 def _mean_over_ranks(value: float, world: int) -> float:
     if world == 1:
         return value
-    import torch.distributed as dist
-
     tensor = torch.tensor([value], dtype=torch.float64)
     if dist.get_backend() == "nccl":
         tensor = tensor.cuda()
@@ -591,8 +746,6 @@ class _Run:
         if self.root is None or not self.writer:
             return
         self._write_log()
-        from .plot import loss_curve
-
         plot = loss_curve(self.log, self.root / PLOT_NAME)
         if plot is not None:
             self.files["plot"] = str(plot)
