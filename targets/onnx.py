@@ -33,16 +33,24 @@ from typing import Any
 import numpy as np
 import onnx
 import onnx_ir as ir
+import onnxruntime as ort
 import torch
+from adaptc.passes.quantize import quantized_modules
+from adaptc.passes.sites import site_key
 from torch import nn
+from torch.utils import _pytree as pytree
 
+from adaptc.api import adapt
 from adaptc.capture import auto_dims, describe_failure, fixed_image_size
 from adaptc.errors import ExportError, InputError
 from adaptc.inputs import Inputs, normalize_inputs
+from adaptc.methods import ADAPTERS_ATTR, get_method
+from adaptc.model import AdaptedModel
 
 from . import ort as rt
 from .flat import FlatCall, flat_outputs, input_names, output_names
 from .linear_rules import prefiltered_default_rules
+from .merge import merged_copy, merged_weights
 from .split_skip_norm import SKIP_NORMS, split_skip_norms
 from .unpack_attention import unpack_attention
 
@@ -161,10 +169,6 @@ class Slot:
 
 
 def _slots(am) -> list[Slot]:
-    from adaptc.passes.sites import site_key
-
-    from adaptc.model import ADAPTERS_ATTR
-
     slots = []
     for name, layers in am.adapters.items():
         for site in am.adapter_sites(name):
@@ -408,37 +412,39 @@ def export_onnx(
     length and raises ExportError, writing nothing, if any output differs from PyTorch by more than ``atol``
     times the outputs' largest magnitude (at least 1: absolute for small outputs, relative for large ones).
     """
-    from adaptc.model import AdaptedModel
-
-    from .merge import merged_weights
-
     if not isinstance(am, AdaptedModel):
         raise InputError(f"export_onnx takes an AdaptedModel (from adaptc.inject), got {type(am).__name__}")
     target = check_path(path)
     _check_options(merge, quantize, opset, atol)
-    if isinstance(latency_runs, bool) or not isinstance(latency_runs, int) or latency_runs < 1:
-        raise ExportError(f"latency_runs must be a positive integer, got {latency_runs!r}")
-    prompt_methods = [n for n, c in am.adapter_configs().items() if c.method != "lora"]
-    if prompt_methods and not merge:
-        raise ExportError(
-            f"adapter {prompt_methods[0]!r} is a {am.adapter_configs()[prompt_methods[0]].method!r} adapter: "
-            "merge=False (hot-swappable ORT adapter files) is for LoRA only, since virtual tokens change the "
-            "graph's shapes; export it with merge=True"
-        )
+    _check_latency_runs(latency_runs)
+    _check_unmerged_methods(am, merge)
     inputs = normalize_inputs(example_inputs) if example_inputs is not None else am.example_inputs
     inputs = _batch_of_two(am, inputs)
     external = _weights_bytes(am) > EXTERNAL_DATA_BYTES if external_data is None else bool(external_data)
+    options = ExportOptions(merge, optimize, opset, quantize, external, atol, latency_runs)
     am = _full_precision(am, inputs, merge)  # a quantized base (QLoRA) exports as a merged fp copy
-    try:
-        workdir = Path(tempfile.mkdtemp(prefix=f".{target.stem}.adaptc-", dir=target.parent))
-    except OSError as exc:
-        raise ExportError(f"cannot write {target}: {exc.strerror or exc}; choose a writable folder") from exc
-    try:
-        with _eval(am), torch.no_grad():
-            return _export(am, target, workdir, inputs, merge, optimize, opset, quantize, external, atol,
-                           latency_runs, merged_weights)
-    finally:
-        shutil.rmtree(workdir, ignore_errors=True)
+    with _workspace(target) as work, _eval(am), torch.no_grad():
+        lowered = _lower(am, inputs, options, work)
+        optimized = _optimize(lowered, options, work)
+        parity = _check_parity(am, lowered, optimized, options, work)
+        measured = _measure(am, inputs, lowered, optimized, parity, options, work)
+        return _publish(lowered, optimized, parity, measured, options, work)
+
+
+def _check_latency_runs(latency_runs: int) -> None:
+    if isinstance(latency_runs, bool) or not isinstance(latency_runs, int) or latency_runs < 1:
+        raise ExportError(f"latency_runs must be a positive integer, got {latency_runs!r}")
+
+
+def _check_unmerged_methods(am: AdaptedModel, merge: bool) -> None:
+    """merge=False only for methods whose tensors can be graph inputs: virtual tokens change shapes."""
+    fixed = [n for n, c in am.adapter_configs().items() if not get_method(c).unmerged_export]
+    if fixed and not merge:
+        raise ExportError(
+            f"adapter {fixed[0]!r} is a {get_method(am.adapter_configs()[fixed[0]]).name!r} adapter: "
+            "merge=False (hot-swappable ORT adapter files) is for LoRA only, since virtual tokens change the "
+            "graph's shapes; export it with merge=True"
+        )
 
 
 def _batch_of_two(am, inputs: Inputs) -> Inputs:
@@ -453,8 +459,6 @@ def _batch_of_two(am, inputs: Inputs) -> Inputs:
     leaves = [leaf for leaf in inputs.flat() if isinstance(leaf, torch.Tensor) and leaf.dim() >= 1]
     if not leaves or any(leaf.shape[0] != 1 for leaf in leaves):
         return inputs
-    from torch.utils import _pytree as pytree
-
     def two(leaf: Any) -> Any:
         if isinstance(leaf, torch.Tensor) and leaf.dim() >= 1:
             return torch.cat([leaf, leaf])
@@ -472,14 +476,6 @@ def _batch_of_two(am, inputs: Inputs) -> Inputs:
 
 def _full_precision(am, inputs: Inputs, merge: bool):
     """A quantized base (QLoRA) is exported merged, in full precision: a merged fp copy, captured anew."""
-    from adaptc.passes.quantize import quantized_modules
-    from adaptc.passes.sites import find_sites
-
-    from adaptc.capture import capture
-    from adaptc.model import AdaptedModel
-
-    from .merge import merged_copy
-
     if not quantized_modules(am.base_model):
         return am
     if not merge:
@@ -487,108 +483,255 @@ def _full_precision(am, inputs: Inputs, merge: bool):
             "this model has a quantized base (inject(..., quantize=...)): export it merged (merge=True, the default), "
             "which writes full-precision weights (add quantize='int8' for ORT int8); unmerged export is not supported"
         )
-    model = merged_copy(am)
-    graph = capture(model, inputs, training=False)
-    return AdaptedModel(model, graph, find_sites(graph, model))
+    return adapt(merged_copy(am), inputs, training=False)
 
 
-def _export(am, target: Path, workdir: Path, inputs: Inputs, merge: bool, optimize: bool, opset: int | None,
-            quantize: str | None, external: bool, atol: float, runs: int, merged_weights) -> ExportReport:
-    stage = workdir / "stage"
-    stage.mkdir()
-    final = workdir / target.name
+# --- the stages: lower -> optimize -> check parity -> measure -> publish ------------------------
+
+@dataclass(frozen=True)
+class ExportOptions:
+    """export_onnx's options, checked, as every stage reads them."""
+
+    merge: bool
+    optimize: bool
+    opset: int | None
+    quantize: str | None
+    external: bool  # weights in a .data file beside each model
+    atol: float
+    latency_runs: int
+
+
+@dataclass(frozen=True)
+class Workspace:
+    """A temporary folder beside the target: the stages write here, publish moves the files out."""
+
+    target: Path
+    folder: Path
+
+    @property
+    def final(self) -> Path:
+        """The model as it will be published (under the target's name)."""
+        return self.folder / self.target.name
+
+    @property
+    def stage(self) -> Path:
+        """Intermediate models (exported, fused): a subfolder, so publish never moves them."""
+        return self.folder / "stage"
+
+
+@contextlib.contextmanager
+def _workspace(target: Path) -> Iterator[Workspace]:
+    """The workspace, removed afterwards whatever happened: a failed export leaves no file."""
+    try:
+        folder = Path(tempfile.mkdtemp(prefix=f".{target.stem}.adaptc-", dir=target.parent))
+    except OSError as exc:
+        raise ExportError(f"cannot write {target}: {exc.strerror or exc}; choose a writable folder") from exc
+    try:
+        work = Workspace(target, folder)
+        work.stage.mkdir()
+        yield work
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+@dataclass
+class Lowered:
+    """The exported graph on disk, and how its inputs and outputs map to the PyTorch call."""
+
+    path: Path  # the saved model: work.final when not optimizing, else an intermediate in work.stage
+    flat: FlatCall  # the captured graph as a call on plain tensors
+    example: list[torch.Tensor]  # the example call's tensors, in graph-input order
+    names: list[str]  # their input names (the adapter inputs, named by their slots, follow)
+    outs: list[str]
+    slots: list[Slot]  # merge=False: every adapter tensor as a graph input
+    axes: dict[str, dict[int, str]]  # input -> {axis: name}
+    adapters: dict[str, Path]  # merge=False: adapter -> its .onnx_adapter file in the workspace
+    torch_ms: float | None  # the merged model's eager latency: it exists only while lowering
+
+
+def _lower(am: AdaptedModel, inputs: Inputs, options: ExportOptions, work: Workspace) -> Lowered:
+    """torch.export the captured graph to ONNX, adapters merged in or kept live as graph inputs."""
     graph = am.graph_for(inputs)
-    prompt_methods = [n for n, c in am.adapter_configs().items() if c.method != "lora"]
-    slots = [] if merge else _slots(am)
+    slots = [] if options.merge else _slots(am)
     names = input_names(am.base_model, inputs)
-    lowering = merged_weights(am) if merge else _every_layer_live(am)
-    with lowering:
+    with merged_weights(am) if options.merge else _every_layer_live(am):
         flat = FlatCall(graph, inputs, [s.graph_path for s in slots])
         example = flat.example_tensors()
         outs = output_names(graph(*inputs.args, **inputs.kwargs), set(names) | {s.input_name for s in slots})
-        fixed = fixed_image_size(am.base_model)  # as the capture did: see adaptc.capture.fixed_image_size
-        shapes = [auto_dims(t, fixed) or {} for t in example]
-        shapes += [{s.rank_axis: torch.export.Dim.AUTO} if s.rank_axis is not None else None for s in slots]
-        model = _torch_export(flat, example + [s.value for s in slots], shapes, names + [s.input_name for s in slots], outs, opset)
-        if merge and not prompt_methods:  # PyTorch eager: the merged model being deployed, as the user would run it
-            torch_ms = rt.median_ms(lambda: am.base_model(*inputs.args, **inputs.kwargs), runs)
-        # Saved inside the block: the exported initializers still read the (merged) parameters lazily.
+        model = _torch_export(flat, example + [s.value for s in slots], _dynamic_shapes(am, example, slots),
+                              names + [s.input_name for s in slots], outs, options.opset)
+        torch_ms = None
+        if options.merge and not _graph_held_methods(am):  # PyTorch eager: the merged model, as the user would run it
+            torch_ms = rt.median_ms(lambda: am.base_model(*inputs.args, **inputs.kwargs), options.latency_runs)
         axes = _name_dims(model, example, slots)
         if slots:
             _add_defaults(model, slots)
-        rt.save(model, stage / "exported.onnx" if optimize else final, external)
-        del model
-        fusions = _optimize(stage, final, external) if optimize else {}
-    if not merge or prompt_methods:  # prompts live in the adapted model's graph, not in the base model
-        torch_ms = rt.median_ms(lambda: am(*inputs.args, **inputs.kwargs), runs)
-    shutil.rmtree(stage)
+        path = work.stage / "exported.onnx" if options.optimize else work.final
+        # Saved inside the block: the exported initializers still read the (merged) parameters lazily.
+        rt.save(model, path, options.external)
+    adapters = {} if options.merge else _write_adapters(am, slots, work)
+    return Lowered(path, flat, example, names, outs, slots, axes, adapters, torch_ms)
 
-    session = rt.open_session(final)
-    fresh, _ = _fresh_inputs(final, example, len(example))
-    call = flat.unflatten(fresh)
-    try:
-        reference = flat_outputs(am(*call.args, **call.kwargs))
-    except Exception:  # noqa: BLE001 - an axis named 'time' was features after all: vary the batch only
-        fresh, _ = _fresh_inputs(final, example, len(example), ("batch",))
-        call = flat.unflatten(fresh)
-        reference = flat_outputs(am(*call.args, **call.kwargs))
-    feeds = {name: t.numpy() for name, t in zip(names, fresh)}
-    adapters, parity = {}, {}
-    if merge:
-        parity["merged" if am.active_adapters else "base"] = _max_diff(rt.run(session, feeds), reference, outs)
-    else:
-        for name in am.adapters:
-            file = workdir / f"{target.stem}.{name}.onnx_adapter"
-            rt.write_adapter(file, {s.input_name: s.value.float().numpy() for s in slots if s.adapter == name})
-            adapters[name] = file
-        loaded = {name: rt.load_adapter(file) for name, file in adapters.items()}
-        active = [loaded[n] for n in am.active_adapters]
-        parity["+".join(am.active_adapters) or "base"] = _max_diff(rt.run(session, feeds, active), reference, outs)
-        with am.disable_adapters():
-            base_reference = flat_outputs(am(*call.args, **call.kwargs))
-        parity["no adapter"] = _max_diff(rt.run(session, feeds), base_reference, outs)
-    worst = max(parity.values())
+
+def _graph_held_methods(am: AdaptedModel) -> list[str]:
+    """Adapters the base model does not carry once merged (virtual tokens, prefixes): the graph holds them."""
+    return [n for n, c in am.adapter_configs().items() if get_method(c).merge != "weights"]
+
+
+def _dynamic_shapes(am: AdaptedModel, example: list[torch.Tensor], slots: list[Slot]) -> list[dict | None]:
+    """Every input axis dynamic as the capture made it; an adapter's rank axis too, to swap any rank in."""
+    fixed = fixed_image_size(am.base_model)  # as the capture did: see adaptc.capture.fixed_image_size
+    shapes: list[dict | None] = [auto_dims(t, fixed) or {} for t in example]
+    return shapes + [{s.rank_axis: torch.export.Dim.AUTO} if s.rank_axis is not None else None for s in slots]
+
+
+def _write_adapters(am: AdaptedModel, slots: list[Slot], work: Workspace) -> dict[str, Path]:
+    """One .onnx_adapter file per adapter (active or not): the parity check loads them as users will."""
+    adapters = {}
+    for name in am.adapters:
+        file = work.folder / f"{work.target.stem}.{name}.onnx_adapter"
+        rt.write_adapter(file, {s.input_name: s.value.float().numpy() for s in slots if s.adapter == name})
+        adapters[name] = file
+    return adapters
+
+
+@dataclass
+class Optimized:
+    """The model to check and publish, and the fusions that made it."""
+
+    path: Path  # always work.final
+    fusions: dict[str, int]  # onnxscript ORT fusion rule -> times applied
+
+
+def _optimize(lowered: Lowered, options: ExportOptions, work: Workspace) -> Optimized:
+    """onnxscript's ORT fusions and ORT's extended optimizations, when asked for."""
+    fusions = _fuse_for_ort(lowered.path, work.final, options.external) if options.optimize else {}
+    shutil.rmtree(work.stage)  # the intermediates: only the final model and its weights remain
+    return Optimized(work.final, fusions)
+
+
+@dataclass
+class Parity:
+    """ONNX Runtime against PyTorch on fresh inputs; what the later measurements reuse."""
+
+    checks: dict[str, float]  # check -> max |ORT - PyTorch|
+    inputs: str  # the fresh call, described
+    feeds: dict[str, np.ndarray]  # the fresh inputs by graph-input name
+    reference: tuple[torch.Tensor, ...]  # PyTorch's outputs on them, the active adapters applied
+    session: ort.InferenceSession  # on the optimized model: opened once, timed later
+
+
+def _check_parity(am: AdaptedModel, lowered: Lowered, optimized: Optimized, options: ExportOptions,
+                  work: Workspace) -> Parity:
+    """Raise ExportError, before anything is published, if ORT and PyTorch differ beyond atol x scale."""
+    session = rt.open_session(optimized.path)
+    call, fresh, reference = _fresh_call(am, lowered, optimized.path)
+    feeds = {name: t.numpy() for name, t in zip(lowered.names, fresh)}
+    checks = _parity_checks(am, lowered, session, feeds, call, reference, options.merge)
+    worst = max(checks.values())
     # fp32 rounding is relative: large outputs (an LM's logits) get atol per unit of their magnitude.
     scale = max([1.0, *(float(r.detach().abs().max()) for r in reference if r.numel() and r.is_floating_point())])
-    if not worst <= atol * scale:
+    if not worst <= options.atol * scale:
         raise ExportError(
-            f"parity check failed: ONNX Runtime differs from PyTorch by {worst:.3e} (> atol {atol:g} x output "
+            f"parity check failed: ONNX Runtime differs from PyTorch by {worst:.3e} (> atol {options.atol:g} x output "
             f"scale {scale:.3g}) on fresh inputs "
-            f"{call.describe()} ({', '.join(f'{k}: {v:.3e}' for k, v in parity.items())}); nothing was written to "
-            f"{target}. Try optimize=False, or the default opset, to find the step that changes the numbers."
+            f"{call.describe()} ({', '.join(f'{k}: {v:.3e}' for k, v in checks.items())}); nothing was written to "
+            f"{work.target}. Try optimize=False, or the default opset, to find the step that changes the numbers."
         )
-    example_feeds = {name: t.numpy() for name, t in zip(names, example)}
-    active = [rt.load_adapter(adapters[n]) for n in am.active_adapters] if not merge else []
-    ort_ms = rt.median_ms(lambda: rt.run(session, example_feeds, active), runs)
+    return Parity(checks, call.describe(), feeds, reference, session)
 
+
+def _fresh_call(am: AdaptedModel, lowered: Lowered,
+                path: Path) -> tuple[Inputs, list[torch.Tensor], tuple[torch.Tensor, ...]]:
+    """Fresh random inputs at new sizes (the call, its tensors) and PyTorch's outputs on them."""
+    count = len(lowered.example)
+    fresh, _ = _fresh_inputs(path, lowered.example, count)
+    call = lowered.flat.unflatten(fresh)
+    try:
+        return call, fresh, flat_outputs(am(*call.args, **call.kwargs))
+    except Exception:  # noqa: BLE001 - an axis named 'time' was features after all: vary the batch only
+        fresh, _ = _fresh_inputs(path, lowered.example, count, ("batch",))
+        call = lowered.flat.unflatten(fresh)
+        return call, fresh, flat_outputs(am(*call.args, **call.kwargs))
+
+
+def _parity_checks(am: AdaptedModel, lowered: Lowered, session: ort.InferenceSession, feeds: dict[str, np.ndarray],
+                   call: Inputs, reference: tuple[torch.Tensor, ...], merge: bool) -> dict[str, float]:
+    """Merged: one check. Unmerged: the active adapters through their files, and no adapter at all."""
+    if merge:
+        return {"merged" if am.active_adapters else "base": _max_diff(rt.run(session, feeds), reference, lowered.outs)}
+    loaded = {name: rt.load_adapter(file) for name, file in lowered.adapters.items()}  # each file must load
+    active = [loaded[n] for n in am.active_adapters]
+    checks = {"+".join(am.active_adapters) or "base": _max_diff(rt.run(session, feeds, active), reference, lowered.outs)}
+    with am.disable_adapters():
+        base_reference = flat_outputs(am(*call.args, **call.kwargs))
+    checks["no adapter"] = _max_diff(rt.run(session, feeds), base_reference, lowered.outs)
+    return checks
+
+
+@dataclass
+class Measurements:
+    """What the report states about the checked model besides parity."""
+
+    torch_ms: float  # median, example inputs
+    ort_ms: float
+    quantized: dict[str, Any] | None  # quantize='int8': its file, size and accuracy change
+    opset: int  # the default ONNX domain's, as saved
+    fused_ops: dict[str, int]  # com.microsoft op -> count in the saved model
+    sizes: dict[str, int]  # workspace file name -> bytes: every file publish moves
+
+
+def _measure(am: AdaptedModel, inputs: Inputs, lowered: Lowered, optimized: Optimized, parity: Parity,
+             options: ExportOptions, work: Workspace) -> Measurements:
+    """Latencies on the example inputs, the int8 model and its accuracy, what the saved files hold."""
+    torch_ms = lowered.torch_ms
+    if torch_ms is None:  # prompts live in the adapted model's graph, not in the base model
+        torch_ms = rt.median_ms(lambda: am(*inputs.args, **inputs.kwargs), options.latency_runs)
+    example_feeds = {name: t.numpy() for name, t in zip(lowered.names, lowered.example)}
+    active = [rt.load_adapter(lowered.adapters[n]) for n in am.active_adapters] if not options.merge else []
+    ort_ms = rt.median_ms(lambda: rt.run(parity.session, example_feeds, active), options.latency_runs)
     quantized = None
-    if quantize == "int8":
-        quantized = _quantize(final, workdir / f"{target.stem}.int8.onnx", feeds, rt.run(session, feeds), reference, outs, external)
+    if options.quantize == "int8":
+        fp32 = rt.run(parity.session, parity.feeds)
+        quantized = _quantize(optimized.path, work.folder / f"{work.target.stem}.int8.onnx", parity.feeds, fp32,
+                              parity.reference, lowered.outs, options.external)
+    saved = onnx.load(str(optimized.path), load_external_data=False)
+    opset = next(o.version for o in saved.opset_import if o.domain in ("", "ai.onnx"))
+    fused = rt.op_counts(optimized.path, rt.CONTRIB_DOMAIN)
+    sizes = {f.name: f.stat().st_size for f in sorted(work.folder.iterdir()) if f.is_file()}
+    return Measurements(torch_ms, ort_ms, quantized, opset, fused, sizes)
 
-    opset_used = next(o.version for o in onnx.load(str(final), load_external_data=False).opset_import if o.domain in ("", "ai.onnx"))
-    fused = rt.op_counts(final, rt.CONTRIB_DOMAIN)
+
+def _publish(lowered: Lowered, optimized: Optimized, parity: Parity, measured: Measurements,
+             options: ExportOptions, work: Workspace) -> ExportReport:
+    """Move every file into place (only now, after parity passed) and report where each went."""
+    folder = work.target.parent
     files = {}
-    for file in sorted(workdir.iterdir()):
-        if file.is_file():
-            os.replace(file, target.parent / file.name)  # only now, after parity passed
-            files[str(target.parent / file.name)] = (target.parent / file.name).stat().st_size
+    for name, size in measured.sizes.items():
+        os.replace(work.folder / name, folder / name)  # a rename within one folder: atomic
+        files[str(folder / name)] = size
+    quantized = measured.quantized
     if quantized:
-        quantized["path"] = str(target.parent / Path(quantized["path"]).name)
+        quantized = {**quantized, "path": str(folder / Path(quantized["path"]).name)}
     return ExportReport(
-        path=str(target), files=files, opset=opset_used, merged=merge, dynamic_axes=axes, fusions=fusions,
-        fused_ops=fused, parity=parity, parity_inputs=call.describe(), ort_latency_ms=ort_ms, torch_latency_ms=torch_ms,
-        adapters={n: str(target.parent / f.name) for n, f in adapters.items()}, quantized=quantized,
+        path=str(work.target), files=files, opset=measured.opset, merged=options.merge, dynamic_axes=lowered.axes,
+        fusions=optimized.fusions, fused_ops=measured.fused_ops, parity=parity.checks, parity_inputs=parity.inputs,
+        ort_latency_ms=measured.ort_ms, torch_latency_ms=measured.torch_ms,
+        adapters={n: str(folder / f.name) for n, f in lowered.adapters.items()}, quantized=quantized,
     )
 
 
-def _optimize(stage: Path, final: Path, external: bool) -> dict[str, int]:
+# --- optimize and quantize: the files ------------------------------------------------------------
+
+def _fuse_for_ort(exported: Path, final: Path, external: bool) -> dict[str, int]:
     """onnxscript's ORT fusions, then ORT's own optimizations; the fusions are dropped if ORT rejects them.
     Last, fused skip-norms are split again where that is faster on ORT's CPU provider (targets/split_skip_norm.py).
 
     (Measured: a fusion rule could leave a Gemm on a rank-3 input, which ORT refuses; targets/flat_gemm.py now
     prevents the cases seen, the fallback stays for the ones not seen.)
     """
-    exported, optimized = stage / "exported.onnx", stage / final.name
+    stage = exported.parent
+    optimized = stage / final.name
     try:
         fused, counts = rt.fuse(exported)
         rt.save(fused, stage / "fused.onnx", external)
