@@ -100,7 +100,7 @@ class AdaptedModel(nn.Module):
             if present:
                 raise ConfigError(
                     f"this model already has the {present[0].method.name!r} adapter {present[0].name!r}; "
-                    f"one sequence-editing adapter ({', '.join(_sequence_methods())}) per model: delete it first or "
+                    f"one prompt-method adapter ({', '.join(_sequence_methods())}) per model: delete it first or "
                     "inject into a fresh model"
                 )
         built = method.build(self, name, config)
