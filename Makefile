@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: test test-all demo lint venv clean bench conformance
+.PHONY: test test-unit test-integration test-all demo lint venv clean bench conformance
 
 venv: $(STAMP)
 
@@ -22,8 +22,18 @@ $(STAMP): constraints.txt pyproject.toml
 lint: $(STAMP)
 	$(VENV)/bin/ruff check adaptc passes targets tests examples bench
 
+# Test tiers (README, "Tests and their times"): unit (`-m "not slow and not integration"`, under 2 minutes on 2 cores),
+# integration (processes, torchrun, ONNX export and ONNX Runtime, the worked examples, conformance cells, and by time
+# the slowest end-to-end runs) and slow.
+# `make test` (CI) runs lint + unit + integration; `make test-all` adds the slow tier.
 test: lint
 	$(PY) -m pytest -m "not slow" -q
+
+test-unit: $(STAMP)
+	$(PY) -m pytest -m "not slow and not integration" -q
+
+test-integration: $(STAMP)
+	$(PY) -m pytest -m "integration and not slow" -q
 
 test-all: lint
 	$(PY) -m pytest -q

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from model_zoo import tiny_gpt2
 from torch import nn
 
 import adaptc
@@ -94,13 +95,12 @@ def test_adapter_name_errors():
     assert list(am.adapters) == ["default"]  # the failed add left nothing behind
 
 
+@pytest.mark.integration  # by time (make test-unit under 2 minutes): a GPT-2 end to end
 def test_deleting_lora_under_a_prefix_adapter_keeps_the_prefix():
     """LoRA, then prefix tuning on top (its graphs are captured with the LoRA parameters in the
     model), then LoRA deleted. Reference: the same model with only the prefix adapter active."""
-    from transformers import GPT2Config, GPT2LMHeadModel
-
     torch.manual_seed(0)
-    model = GPT2LMHeadModel(GPT2Config(vocab_size=50, n_positions=32, n_embd=32, n_layer=2, n_head=4))
+    model = tiny_gpt2(vocab_size=50, n_positions=32)
     ids = torch.randint(0, 50, (2, 8))
     am = adaptc.inject(model, "lora", example_inputs={"input_ids": ids}, r=4).eval()
     randomize(p for n, p in am.named_parameters() if "lora_B" in n)

@@ -6,6 +6,8 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 import adaptc.atomic
 from adaptc.atomic import atomic_write_bytes
 
@@ -44,6 +46,7 @@ def test_mode_is_that_of_a_plainly_created_file(tmp_path):
     assert (tmp_path / "atomic").stat().st_mode == (tmp_path / "plain").stat().st_mode == 0o100640
 
 
+@pytest.mark.integration
 def test_killed_writer_leaves_a_complete_file(tmp_path):
     path = tmp_path / "f.bin"
     for attempt in range(3):

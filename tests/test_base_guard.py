@@ -10,16 +10,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from model_zoo import tiny_gpt2, tiny_llama, tiny_t5
 from peft import PeftModel
 from torch import nn
-from transformers import (
-    GPT2Config,
-    GPT2LMHeadModel,
-    LlamaConfig,
-    LlamaForCausalLM,
-    T5Config,
-    T5ForConditionalGeneration,
-)
+from transformers import GPT2LMHeadModel, LlamaForCausalLM
 
 import adaptc
 from adaptc import AdaptcError
@@ -33,17 +27,15 @@ def _randomize(am: adaptc.AdaptedModel, std: float = 0.3) -> None:
 
 
 def _llama() -> LlamaForCausalLM:
-    config = LlamaConfig(num_hidden_layers=2, hidden_size=64, intermediate_size=128, num_attention_heads=4,
-                         num_key_value_heads=2, vocab_size=96, pad_token_id=0)
-    return LlamaForCausalLM(config).eval()
+    return tiny_llama(hidden_size=64, intermediate_size=128, vocab_size=96, max_position_embeddings=2048,
+                      pad_token_id=0).eval()
 
 
 def _gpt2() -> GPT2LMHeadModel:
-    config = GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=100, bos_token_id=1, eos_token_id=2,
-                        pad_token_id=0)
-    return GPT2LMHeadModel(config).eval()
+    return tiny_gpt2(n_embd=64, vocab_size=100, n_positions=1024, bos_token_id=1, eos_token_id=2, pad_token_id=0).eval()
 
 
+@pytest.mark.integration  # by time (make test-unit under 2 minutes): transformers' generate
 @pytest.mark.parametrize("build", [_llama, _gpt2], ids=["llama", "gpt2"])
 def test_generate_runs_the_adapters_and_equals_the_merged_model(build):
     ids = torch.randint(3, 90, (3, 10))
@@ -62,6 +54,7 @@ def test_generate_runs_the_adapters_and_equals_the_merged_model(build):
     assert not torch.equal(greedy, base), "the adapters changed nothing: the check above could not fail"
 
 
+@pytest.mark.integration  # by time (make test-unit under 2 minutes): PEFT as the reference
 def test_generate_with_prompt_tuning_equals_greedy_decoding_of_peft(tmp_path):
     """The reference is a greedy loop over PEFT's forward: PEFT's own generate for prompt tuning (with
     its cache) gives other tokens than its forward does under transformers 5.24, so it is no reference."""
@@ -90,9 +83,8 @@ def _llama_like(model: LlamaForCausalLM) -> LlamaForCausalLM:
 
 
 def test_generate_on_an_encoder_decoder_model_is_refused_with_what_to_do():
-    config = T5Config(vocab_size=64, d_model=32, d_kv=8, d_ff=64, num_layers=1, num_heads=4, decoder_start_token_id=0)
     ids = torch.randint(1, 64, (2, 6))
-    am = adaptc.inject(T5ForConditionalGeneration(config).eval(), "lora",
+    am = adaptc.inject(tiny_t5(num_layers=1, num_decoder_layers=1).eval(), "lora",
                        example_inputs={"input_ids": ids, "decoder_input_ids": ids}, r=2)
     with pytest.raises(AdaptcError, match="encoder-decoder.*merge"):
         am.generate(input_ids=ids, max_new_tokens=3)
@@ -136,6 +128,7 @@ def test_generate_on_a_model_without_generate_says_what_to_use():
         am.generate(torch.randn(2, 8))
 
 
+@pytest.mark.integration  # by time (make test-unit under 2 minutes): transformers' pipeline
 def test_text_generation_pipeline_generates_with_the_adapters():
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast, pipeline

@@ -1,15 +1,15 @@
 """adaptc.capture: a GraphModule that runs like the model at new shapes and in both modes."""
 
+import model_zoo
 import pytest
 import torch
 from torch import fx, nn
-from transformers import BertConfig, BertForSequenceClassification, GPT2Config, GPT2LMHeadModel
 
 import adaptc
 
 
 def tiny_gpt2():
-    return GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=4, vocab_size=50, n_positions=32))
+    return model_zoo.tiny_gpt2(vocab_size=50, n_positions=32)
 
 
 def test_gpt2_graph_keeps_output_structure_and_runs_at_new_shapes():
@@ -38,11 +38,8 @@ def test_capture_shares_parameters_and_leaves_the_model_as_it_was():
 
 
 def test_train_and_eval_switch_dropout_like_the_model():
-    config = BertConfig(
-        vocab_size=60, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
-        hidden_dropout_prob=0.3, attention_probs_dropout_prob=0.3, num_labels=3,
-    )
-    model = BertForSequenceClassification(config).train()
+    model = model_zoo.tiny_bert(vocab_size=60, max_position_embeddings=512, hidden_dropout_prob=0.3,
+                                attention_probs_dropout_prob=0.3).train()
     ids = torch.randint(0, 60, (4, 9))
     graph = adaptc.capture(model, {"input_ids": ids})
     a, b = graph(input_ids=ids).logits, graph(input_ids=ids).logits

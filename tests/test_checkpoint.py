@@ -254,6 +254,7 @@ def folder_state(folder):
     return {entry.name: (entry.stat().st_size, entry.stat().st_mtime_ns) for entry in os.scandir(folder)}
 
 
+@pytest.mark.integration
 def test_killed_save_leaves_the_old_or_the_new_checkpoint(tmp_path):
     folder = tmp_path / "ckpt"
     script = SAVER.format(tests=str(Path(__file__).parent), folder=str(folder))

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
 import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from model_zoo import load_example
 from transformers.pytorch_utils import Conv1D
 
 from adaptc.cli import main
@@ -20,10 +20,7 @@ SUMMARY = re.compile(r"trainable params: ([\d,]+) \|\| all params: ([\d,]+) \|\|
 
 def _tiny_model():
     """The example's model, loaded the plain Python way (not through the CLI under test)."""
-    spec = importlib.util.spec_from_file_location("tiny_gpt2_for_test", TINY)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.build_model()
+    return load_example("tiny_gpt2", "tiny_gpt2_for_test").build_model()
 
 
 def _table_rows(out: str) -> dict[str, str]:
@@ -164,6 +161,7 @@ def test_debug_shows_the_traceback(capsys, bad_files, where):
     assert "raise ValueError('checkpoint missing')" in err  # the model file's own line
 
 
+@pytest.mark.integration
 def test_module_entry_point_in_a_real_process():
     # A separate process sees everything written to stderr, loggers and warnings included.
     proc = subprocess.run(
@@ -177,6 +175,7 @@ def test_module_entry_point_in_a_real_process():
 
 # --- export -----------------------------------------------------------------------------------
 
+@pytest.mark.integration
 def test_export_writes_a_parity_checked_model(capsys, tmp_path):
     import numpy as np
     import onnxruntime as ort
@@ -205,7 +204,6 @@ def test_export_errors_are_one_line(capsys, tmp_path):
 
 
 def test_inject_output_saves_an_adapter_that_loads(capsys, tmp_path):
-    import importlib.util
 
     import torch
     from safetensors.torch import load_file
@@ -218,9 +216,7 @@ def test_inject_output_saves_an_adapter_that_loads(capsys, tmp_path):
     assert sorted(p.name for p in out_dir.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
     saved = load_file(out_dir / "adapter_model.safetensors")
 
-    spec = importlib.util.spec_from_file_location("tiny_gpt2_for_output_test", TINY)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_example("tiny_gpt2", "tiny_gpt2_for_output_test")
     model = module.build_model()
     am = adaptc.load_adapter(model, out_dir, example_inputs=module.example_inputs())
     c_attn = {name for name, m in model.named_modules() if name.endswith("c_attn")}
@@ -232,6 +228,7 @@ def test_inject_output_saves_an_adapter_that_loads(capsys, tmp_path):
         torch.testing.assert_close(layer.lora_B.detach(), saved[f"base_model.model.{name}.lora_B.weight"])
 
 
+@pytest.mark.integration  # by time (make test-unit under 2 minutes): three prompt methods end to end
 def test_prompt_methods_from_the_command_line(capsys, tmp_path):
     assert main(["inspect", TINY, "--method", "prefix"]) == 0
     out = capsys.readouterr().out

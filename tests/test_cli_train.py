@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import re
 import shutil
@@ -13,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from model_zoo import load_example
 
 import adaptc
 from adaptc.cli import main
@@ -23,10 +23,7 @@ ADAPTC = [sys.executable, "-m", "adaptc.cli"]
 
 
 def _example():
-    spec = importlib.util.spec_from_file_location("tiny_classifier_for_cli", TINY)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_example("tiny_classifier", "tiny_classifier_for_cli")
 
 
 def _assert_one_line_error(rc: int, err: str) -> None:
@@ -38,6 +35,7 @@ def _assert_one_line_error(rc: int, err: str) -> None:
     assert lines[0].startswith("adaptc: error: "), err
 
 
+@pytest.mark.integration
 def test_inject_train_export_end_to_end(capsys, tmp_path):
     import onnxruntime as ort
 
@@ -166,6 +164,7 @@ def test_train_resumes_from_last_in_the_cli(capsys, files, tmp_path):
     assert (Path(out) / "last" / "adapter_model.safetensors").read_bytes() == before
 
 
+@pytest.mark.integration
 def test_train_nproc_2_equals_one_process_accumulating_2(tmp_path):
     """`--nproc 2`: torchrun, DDP over gloo, each rank every 2nd batch. Averaged over the two ranks,
     the gradient is one process's gradient accumulated over the same two batches, so the adapters

@@ -17,13 +17,15 @@ import json
 import os
 import time
 
+import model_zoo
 import pytest
 import safetensors.torch
 import torch
 import torch.multiprocessing as mp
-from transformers import GPT2Config, GPT2LMHeadModel
 
 import adaptc
+
+pytestmark = pytest.mark.integration  # spawned rank processes (gloo)
 
 STEPS = 3
 GLOBAL_BATCH = 4
@@ -32,10 +34,9 @@ LR = 0.5
 
 
 def tiny_gpt2():
-    torch.manual_seed(0)  # the same base weights in every process
-    config = GPT2Config(vocab_size=64, n_positions=32, n_embd=32, n_layer=2, n_head=2, bos_token_id=0,
-                        eos_token_id=0, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
-    return GPT2LMHeadModel(config)
+    # seed 0: the same base weights in every process
+    return model_zoo.tiny_gpt2(n_positions=32, n_head=2, bos_token_id=0, eos_token_id=0, resid_pdrop=0.0,
+                               embd_pdrop=0.0, attn_pdrop=0.0, seed=0)
 
 
 def example():

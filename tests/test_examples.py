@@ -13,6 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
+pytestmark = pytest.mark.integration  # the worked examples, end to end (they export and run ONNX Runtime)
+
 ROOT = Path(__file__).resolve().parents[1]
 
 

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import GPT2Config, GPT2LMHeadModel
+from model_zoo import tiny_gpt2
+from transformers import GPT2LMHeadModel
 
 import adaptc
 from adaptc.methods import base as registry
@@ -30,11 +31,10 @@ def method():
 
 
 def _gpt2() -> GPT2LMHeadModel:
-    config = GPT2Config(n_layer=2, n_embd=32, n_head=4, vocab_size=64, resid_pdrop=0.0, embd_pdrop=0.0,
-                        attn_pdrop=0.0, tie_word_embeddings=False)
-    return GPT2LMHeadModel(config)
+    return tiny_gpt2(n_positions=1024, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, tie_word_embeddings=False)
 
 
+@pytest.mark.integration
 def test_the_documented_method_injects_trains_saves_loads_merges_and_exports(method, tmp_path):
     assert "channel_scale" in adaptc.available_methods()
     torch.manual_seed(0)

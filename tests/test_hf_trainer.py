@@ -8,9 +8,10 @@ included (the Trainer passes it because the base model's forward takes ``**kwarg
 
 import os
 
+import model_zoo
 import pytest
 import torch
-from transformers import GPT2Config, GPT2LMHeadModel, TrainingArguments
+from transformers import TrainingArguments
 
 import adaptc
 from adaptc.hf import AdapterTrainer
@@ -18,17 +19,18 @@ from adaptc.hf import AdapterTrainer
 peft = pytest.importorskip("peft")
 
 # PEFT warns that it ignores the "adaptc" field of adapter_config.json (see docs/checkpoints.md).
-pytestmark = pytest.mark.filterwarnings("ignore:Unexpected keyword arguments:UserWarning")
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:Unexpected keyword arguments:UserWarning"),
+    pytest.mark.integration,  # by time (make test-unit under 2 minutes): the Hugging Face Trainer end to end
+]
 
 SEQ = 16
 STEPS = 12
 
 
 def tiny_gpt2():
-    torch.manual_seed(0)
-    config = GPT2Config(vocab_size=64, n_positions=32, n_embd=32, n_layer=2, n_head=2, bos_token_id=0,
-                        eos_token_id=0, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, use_cache=False)
-    return GPT2LMHeadModel(config)
+    return model_zoo.tiny_gpt2(n_positions=32, n_head=2, bos_token_id=0, eos_token_id=0, resid_pdrop=0.0,
+                               embd_pdrop=0.0, attn_pdrop=0.0, use_cache=False, seed=0)
 
 
 def dataset():
@@ -157,6 +159,7 @@ def test_save_pretrained_is_save_adapter(am, tmp_path):
         am.gradient_checkpointing_enable()
 
 
+@pytest.mark.integration
 @pytest.mark.slow
 def test_trainer_under_torchrun_ddp(tmp_path):
     # The Trainer (through accelerate) wraps the model in DDP itself; rank 0 alone writes checkpoints.

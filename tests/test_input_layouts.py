@@ -7,9 +7,11 @@ independent reference: transformers' own forward with the adapters folded into i
 
 from __future__ import annotations
 
+import pytest
 import torch
+from model_zoo import tiny_llama, tiny_opt
 from torch import nn
-from transformers import LlamaConfig, LlamaForCausalLM, OPTConfig, OPTForCausalLM
+from transformers import LlamaForCausalLM
 
 import adaptc
 
@@ -22,11 +24,10 @@ def _randomize_lora(am: adaptc.AdaptedModel) -> None:
 
 
 def _llama() -> LlamaForCausalLM:
-    config = LlamaConfig(num_hidden_layers=2, hidden_size=64, intermediate_size=128, num_attention_heads=4,
-                         num_key_value_heads=2, vocab_size=96)
-    return LlamaForCausalLM(config).eval()
+    return tiny_llama(hidden_size=64, intermediate_size=128, vocab_size=96, max_position_embeddings=2048).eval()
 
 
+@pytest.mark.integration  # by time (make test-unit under 2 minutes): a Llama end to end
 def test_llama_captured_with_a_mask_runs_a_slice_then_a_contiguous_input_of_another_length():
     ids = torch.randint(3, 96, (2, 12))
     am = adaptc.inject(_llama(), "lora", example_inputs={"input_ids": ids, "attention_mask": torch.ones_like(ids)}, r=4)
@@ -41,6 +42,7 @@ def test_llama_captured_with_a_mask_runs_a_slice_then_a_contiguous_input_of_anot
             torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.integration  # by time (make test-unit under 2 minutes): transformers' generate
 def test_greedy_generation_from_a_sliced_prompt_matches_the_merged_model():
     ids = torch.randint(3, 96, (2, 12))
     am = adaptc.inject(_llama(), "lora", example_inputs={"input_ids": ids, "attention_mask": torch.ones_like(ids)}, r=4)
@@ -52,10 +54,10 @@ def test_greedy_generation_from_a_sliced_prompt_matches_the_merged_model():
     assert torch.equal(got, want)
 
 
+@pytest.mark.integration  # by time (make test-unit under 2 minutes): an OPT end to end
 def test_opt_captured_from_a_slice_trains_on_the_whole_batch():
-    config = OPTConfig(num_hidden_layers=2, hidden_size=64, ffn_dim=128, num_attention_heads=4, vocab_size=300,
-                       max_position_embeddings=128, word_embed_proj_dim=64, dropout=0.0, attention_dropout=0.0)
-    model = OPTForCausalLM(config)
+    model = tiny_opt(hidden_size=64, ffn_dim=128, vocab_size=300, max_position_embeddings=128, word_embed_proj_dim=64,
+                     dropout=0.0, attention_dropout=0.0)
     ids = torch.randint(0, 300, (8, 40))
     am = adaptc.inject(model, "lora", example_inputs={"input_ids": ids[:2, :16], "labels": ids[:2, :16]}, r=8,
                        targets=["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"])

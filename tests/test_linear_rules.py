@@ -53,6 +53,7 @@ def optimized(prefiltered: bool) -> ir.Model:
     return model
 
 
+@pytest.mark.integration
 def test_slices_split_rewrites_the_same_with_the_prefilter():
     plain, filtered = optimized(False), optimized(True)
     ops = [node.op_type for node in filtered.graph]

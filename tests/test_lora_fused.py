@@ -8,6 +8,7 @@ import pytest
 import torch
 from adaptc.passes.dropout_mask import effective_keep, keep_mask
 from adaptc.passes.lora_fused import SIBLINGS_ATTR
+from model_zoo import tiny_bert, tiny_gpt2, tiny_llama
 from torch import nn
 from torch.nn import functional as F
 
@@ -110,17 +111,13 @@ def test_keep_mask_rate_and_independence():
 
 def test_fused_equals_unfused_on_llama_gqa_and_peft_checkpoint_unchanged(tmp_path):
     """Reference: the same adapter with fuse_siblings=False (one plain node per site)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2)
     ids = torch.randint(0, 64, (2, 9))
     batch = {"input_ids": ids, "labels": ids}
     results = {}
     for fuse in (True, False):
         torch.manual_seed(0)
-        am = adaptc.inject(LlamaForCausalLM(config), "lora", example_inputs=batch, r=4, alpha=8, init="gaussian",
+        am = adaptc.inject(tiny_llama(max_position_embeddings=2048), "lora", example_inputs=batch, r=4, alpha=8, init="gaussian",
                            fuse_siblings=fuse).train()
         with torch.no_grad():
             for name, p in am.named_parameters():
@@ -212,16 +209,13 @@ def test_absorbed_base_ops_match_the_unfused_graph_with_input_grads(family):
     GPT-2's Conv1D runs as addmm(bias, x, W[in, out]), BERT's Linear as linear(x, W, bias): the
     fused group computes both ops itself and must give the same outputs and gradients, the
     gradient of the input (the summed dx of q, k, v and the low-rank branch) included."""
-    from transformers import BertConfig, BertModel, GPT2Config, GPT2Model
+    from transformers import BertModel, GPT2Model
 
     torch.manual_seed(0)
     if family == "gpt2":
-        config = GPT2Config(vocab_size=50, n_positions=16, n_embd=32, n_layer=2, n_head=4)
-        make = lambda: GPT2Model(config)  # noqa: E731
+        make = lambda: tiny_gpt2(GPT2Model, vocab_size=50, n_positions=16)  # noqa: E731
     else:
-        config = BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                            intermediate_size=64)
-        make = lambda: BertModel(config)  # noqa: E731
+        make = lambda: tiny_bert(BertModel, vocab_size=50, max_position_embeddings=512, num_labels=2)  # noqa: E731
     embeds = torch.randn(2, 7, 32)
     results = {}
     for fuse in (True, False):

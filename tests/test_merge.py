@@ -4,20 +4,19 @@ from __future__ import annotations
 
 import copy
 
+import model_zoo
 import pytest
 import torch
+from model_zoo import VOCAB
 from torch import nn
-from transformers import GPT2Config, GPT2LMHeadModel
+from transformers import GPT2LMHeadModel
 
 import adaptc
 from adaptc.errors import MergeError
 
-VOCAB = 64
-
 
 def tiny_gpt2() -> GPT2LMHeadModel:
-    config = GPT2Config(vocab_size=VOCAB, n_positions=32, n_embd=32, n_layer=2, n_head=4, bos_token_id=0, eos_token_id=0)
-    return GPT2LMHeadModel(config).eval()
+    return model_zoo.tiny_gpt2(n_positions=32, bos_token_id=0, eos_token_id=0).eval()
 
 
 class ConvEmbedNet(nn.Module):
@@ -175,15 +174,17 @@ def test_safe_merge_refuses_nan_and_changes_nothing() -> None:
 
 # --- every model family the LoRA pass supports ----------------------------------------------------
 
-from test_models import CASES, Case, call  # noqa: E402  (the shared tiny-config model builders)
+from test_models import CASES, Case, call  # noqa: E402  (the cases of the zoo of tests/test_models.py)
 
+INTEGRATION_CASES = {"timm-resnet18", "hf-llama-gqa"}  # by time (make test-unit under 2 minutes)
 SLOW_CASES = {"hf-t5", "timm-swin_tiny_patch4_window7_224", "torchaudio-wav2vec2_base", "torchaudio-conformer",
               "timm-convnext_atto", "hf-wav2vec2-ctc"}
 
 
 @pytest.mark.parametrize(
     "case",
-    [pytest.param(c, marks=pytest.mark.slow) if c.id in SLOW_CASES else c for c in CASES],
+    [pytest.param(c, marks=pytest.mark.slow) if c.id in SLOW_CASES
+     else pytest.param(c, marks=pytest.mark.integration) if c.id in INTEGRATION_CASES else c for c in CASES],
     ids=[c.id for c in CASES],
 )
 def test_merge_equals_adapted_on_every_model(case: Case) -> None:

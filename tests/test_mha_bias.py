@@ -53,6 +53,7 @@ def mha_bias(model: ir.Model) -> ir.Value | None:
     return node.inputs[3] if len(node.inputs) > 3 else None
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("addend", ["bias", "broadcast", "delta"])
 def test_only_a_one_dimensional_bias_is_fused(addend):
     rng = np.random.default_rng(1)

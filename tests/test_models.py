@@ -23,26 +23,28 @@ import timm
 import torch
 import torch.nn.functional as F
 import torchaudio
-from torch import nn
-from transformers import (
-    BertConfig,
-    BertForSequenceClassification,
-    GPT2Config,
-    GPT2LMHeadModel,
-    LlamaConfig,
-    LlamaForCausalLM,
-    T5Config,
-    T5ForConditionalGeneration,
-    ViTConfig,
-    ViTForImageClassification,
-    Wav2Vec2Config,
-    Wav2Vec2ForCTC,
+from model_zoo import (
+    CONFORMER_DIM,
+    VOCAB,
+    FunctionalConvNet,
+    conformer_inputs,
+    images,
+    tiny_bert,
+    tiny_conformer,
+    tiny_gpt2,
+    tiny_llama,
+    tiny_t5,
+    tiny_timm_vit,
+    tiny_vit,
+    tiny_wav2vec2,
+    token_ids,
+    wav2vec2_frames,
 )
+from torch import nn
 
 import adaptc
 
 STEPS = 20
-VOCAB = 64
 
 
 @dataclass
@@ -81,126 +83,25 @@ def first(out: Any) -> torch.Tensor:
     return out[0] if isinstance(out, (tuple, list)) else out
 
 
-def token_ids(batch: int, length: int) -> torch.Tensor:
-    return torch.randint(0, VOCAB, (batch, length))
-
-
-def images(batch: int, size: int) -> torch.Tensor:
-    return torch.randn(batch, 3, size, size)
-
-
-# --- transformers -------------------------------------------------------------------------------
-
-def gpt2():
-    return GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_positions=64, n_embd=32, n_layer=2, n_head=4))
-
-
-def llama_gqa():
-    config = LlamaConfig(
-        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-    )
-    return LlamaForCausalLM(config)
-
-
-def bert():
-    config = BertConfig(
-        vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-        intermediate_size=64, max_position_embeddings=64, num_labels=3,
-    )
-    return BertForSequenceClassification(config)
-
-
-def t5():
-    config = T5Config(
-        vocab_size=VOCAB, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_decoder_layers=2, num_heads=4,
-        decoder_start_token_id=0, pad_token_id=0,
-    )
-    return T5ForConditionalGeneration(config)
-
+# --- inputs of the shared zoo's models (tests/model_zoo.py) ------------------------------------------
 
 def t5_inputs(batch: int, length: int) -> dict:
     return {"input_ids": token_ids(batch, length), "decoder_input_ids": token_ids(batch, length - 2)}
 
 
-def vit():
-    config = ViTConfig(
-        image_size=32, patch_size=8, num_channels=3, hidden_size=32, num_hidden_layers=2,
-        num_attention_heads=4, intermediate_size=64, num_labels=5,
-    )
-    return ViTForImageClassification(config)
-
-
-WAV2VEC2_CONV = dict(conv_dim=(16, 16, 16), conv_stride=(5, 4, 4), conv_kernel=(10, 4, 4))
-
-
-def hf_wav2vec2():
-    config = Wav2Vec2Config(
-        vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
-        num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=4, **WAV2VEC2_CONV,
-    )
-    return Wav2Vec2ForCTC(config)
-
-
-def hf_wav2vec2_frames(samples: int) -> int:
-    for kernel, stride in zip(WAV2VEC2_CONV["conv_kernel"], WAV2VEC2_CONV["conv_stride"]):
-        samples = (samples - kernel) // stride + 1
-    return samples
-
-
-# --- torchaudio ---------------------------------------------------------------------------------
-
 def audio(batch: int, samples: int) -> tuple:
     return (torch.randn(batch, samples),)
 
 
-def wav2vec2_frames(samples: int) -> int:
+def torchaudio_wav2vec2_frames(samples: int) -> int:
     for kernel, stride in [(10, 5)] + [(3, 2)] * 4 + [(2, 2)] * 2:  # wav2vec2_base's feature extractor
         samples = (samples - kernel) // stride + 1
     return samples
 
 
-CONFORMER_DIM = 32
-
-
-def conformer():
-    return torchaudio.models.Conformer(
-        input_dim=CONFORMER_DIM, num_heads=4, ffn_dim=64, num_layers=2, depthwise_conv_kernel_size=7, dropout=0.1,
-    )
-
-
-def conformer_inputs(batch: int, frames: int) -> tuple:
-    lengths = torch.full((batch,), frames, dtype=torch.int64)
-    lengths[1:] = torch.randint(frames // 2, frames + 1, (batch - 1,))  # the first is full: max(lengths) == frames
-    return (torch.randn(batch, frames, CONFORMER_DIM), lengths)
-
-
-# --- a custom module: functional ops on its own parameters --------------------------------------
-
-class Functional(nn.Module):
-    """No nn.Linear / nn.Conv2d submodules: F.conv2d, F.linear and ``@`` on bare parameters."""
-
-    def __init__(self, classes: int = 7):
-        super().__init__()
-        self.stem = nn.Parameter(torch.randn(16, 3, 3, 3) * 0.2)  # 3x3: a conv site, not linear-like
-        self.pointwise = nn.Parameter(torch.randn(24, 16, 1, 1) * 0.25)  # 1x1: linear-like
-        self.fc_weight = nn.Parameter(torch.randn(32, 24) * 0.2)
-        self.fc_bias = nn.Parameter(torch.zeros(32))
-        self.mix = nn.Parameter(torch.randn(32, 32) * 0.2)  # applied as h @ mix
-        self.head = nn.Parameter(torch.randn(classes, 32) * 0.2)
-
-    def forward(self, x):
-        x = F.relu(F.conv2d(x, self.stem, padding=1))
-        x = F.relu(F.conv2d(x, self.pointwise))
-        h = x.mean(dim=(2, 3))
-        h = F.gelu(F.linear(h, self.fc_weight, self.fc_bias))
-        h = torch.tanh(h @ self.mix)
-        return F.linear(h, self.head)
-
-
 CASES = [
     Case(
-        "hf-gpt2", gpt2, lambda b, t: {"input_ids": token_ids(b, t)}, logits, lambda b, t: (b, t, VOCAB),
+        "hf-gpt2", tiny_gpt2, lambda b, t: {"input_ids": token_ids(b, t)}, logits, lambda b, t: (b, t, VOCAB),
         sizes=(2, 8), other_sizes=(3, 13),
         count=8,  # 2 layers x (c_attn, attn.c_proj, c_fc, mlp.c_proj)
         sites=(r"transformer\.h\.\d\.attn\.c_attn", r"transformer\.h\.\d\.attn\.c_proj", r"transformer\.h\.1\.mlp\.c_fc",
@@ -208,7 +109,7 @@ CASES = [
         not_sites=(r"lm_head", r".*wte"),
     ),
     Case(
-        "hf-llama-gqa", llama_gqa, lambda b, t: {"input_ids": token_ids(b, t)}, logits, lambda b, t: (b, t, VOCAB),
+        "hf-llama-gqa", tiny_llama, lambda b, t: {"input_ids": token_ids(b, t)}, logits, lambda b, t: (b, t, VOCAB),
         sizes=(2, 8), other_sizes=(3, 13),
         count=14,  # 2 layers x (q, k, v, o, gate, up, down)
         sites=tuple(rf"model\.layers\.1\.self_attn\.{p}_proj" for p in "qkvo")
@@ -216,7 +117,7 @@ CASES = [
         not_sites=(r"lm_head",),
     ),
     Case(
-        "hf-bert", bert, lambda b, t: {"input_ids": token_ids(b, t), "attention_mask": torch.ones(b, t, dtype=torch.long)},
+        "hf-bert", tiny_bert, lambda b, t: {"input_ids": token_ids(b, t), "attention_mask": torch.ones(b, t, dtype=torch.long)},
         logits, lambda b, t: (b, 3),
         sizes=(2, 8), other_sizes=(3, 13),
         count=13,  # 2 layers x (query, key, value, attention output, intermediate, output) + pooler
@@ -225,7 +126,7 @@ CASES = [
         not_sites=(r"classifier",),
     ),
     Case(
-        "hf-t5", t5, t5_inputs, logits, lambda b, t: (b, t - 2, VOCAB),
+        "hf-t5", tiny_t5, t5_inputs, logits, lambda b, t: (b, t - 2, VOCAB),
         sizes=(2, 8), other_sizes=(3, 13),
         count=32,  # encoder 2 x (q, k, v, o, wi, wo) + decoder 2 x (self q k v o, cross q k v o, wi, wo)
         sites=(r"encoder\.block\.1\.layer\.0\.SelfAttention\.[qkvo]", r"decoder\.block\.1\.layer\.1\.EncDecAttention\.[qkvo]",
@@ -233,15 +134,15 @@ CASES = [
         not_sites=(r"lm_head",),
     ),
     Case(
-        "hf-vit", vit, lambda b, s: {"pixel_values": images(b, s)}, logits, lambda b, s: (b, 5),
+        "hf-vit", tiny_vit, lambda b, s: {"pixel_values": images(b, s)}, logits, lambda b, s: (b, 5),
         sizes=(2, 32), other_sizes=(3, 32),
         count=12,  # 2 layers x (q, k, v, o, fc1, fc2)
         sites=(r"vit\.layers\.\d\.attention\.[qkvo]_proj", r"vit\.layers\.1\.mlp\.fc[12]"),
         not_sites=(r"classifier", r".*patch_embeddings\.projection"),
     ),
     Case(
-        "hf-wav2vec2-ctc", hf_wav2vec2, lambda b, n: {"input_values": torch.randn(b, n)}, logits,
-        lambda b, n: (b, hf_wav2vec2_frames(n), VOCAB),
+        "hf-wav2vec2-ctc", tiny_wav2vec2, lambda b, n: {"input_values": torch.randn(b, n)}, logits,
+        lambda b, n: (b, wav2vec2_frames(n), VOCAB),
         sizes=(2, 1600), other_sizes=(3, 2400),
         count=13,  # feature projection + 2 layers x (q, k, v, out, intermediate, output)
         sites=(r"wav2vec2\.feature_projection\.projection", r"wav2vec2\.encoder\.layers\.\d\.attention\.[qkv]_proj",
@@ -251,7 +152,7 @@ CASES = [
     ),
     Case(
         "timm-vit_tiny_patch16_224",
-        lambda: timm.create_model("vit_tiny_patch16_224", pretrained=False, depth=2, img_size=32, num_classes=10),
+        tiny_timm_vit,
         lambda b, s: (images(b, s),), first, lambda b, s: (b, 10),
         sizes=(2, 32), other_sizes=(3, 32),
         count=8,  # 2 blocks x (qkv, proj, fc1, fc2)
@@ -291,7 +192,7 @@ CASES = [
     ),
     Case(
         "torchaudio-wav2vec2_base", torchaudio.models.wav2vec2_base, audio, first,
-        lambda b, n: (b, wav2vec2_frames(n), 768),
+        lambda b, n: (b, torchaudio_wav2vec2_frames(n), 768),
         sizes=(2, 4000), other_sizes=(3, 5600),
         count=73,  # feature projection + 12 layers x (q, k, v, out, intermediate, output)
         sites=(r"encoder\.feature_projection\.projection", r"encoder\.transformer\.layers\.11\.attention\.[kqv]_proj",
@@ -300,7 +201,7 @@ CASES = [
         lr=3e-3,
     ),
     Case(
-        "torchaudio-conformer", conformer, conformer_inputs, first, lambda b, t: (b, t, CONFORMER_DIM),
+        "torchaudio-conformer", tiny_conformer, conformer_inputs, first, lambda b, t: (b, t, CONFORMER_DIM),
         sizes=(2, 20), other_sizes=(3, 31),
         count=16,  # 2 layers x (2 ffn x 2 linears, in_proj_weight, out_proj, 2 pointwise convs)
         sites=(r"conformer_layers\.\d\.self_attn\.in_proj_weight", r"conformer_layers\.1\.self_attn\.out_proj",
@@ -308,7 +209,7 @@ CASES = [
         not_sites=(r"conformer_layers\.\d\.conv_module\.sequential\.2",),  # the depthwise conv
     ),
     Case(
-        "custom-functional", Functional, lambda b, s: (images(b, s),), first, lambda b, s: (b, 7),
+        "custom-functional", FunctionalConvNet, lambda b, s: (images(b, s),), first, lambda b, s: (b, 7),
         sizes=(2, 12), other_sizes=(3, 17),
         count=3,  # the 1x1 conv, F.linear, h @ mix; not the 3x3 stem nor the head
         sites=(r"pointwise", r"fc_weight", r"mix"),
@@ -317,7 +218,13 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
+# By time (make test-unit under 2 minutes), the integration tier runs all but four models of the sweep (a GPT-2,
+# a grouped-query Llama, a timm ViT, the functional module): `make test` runs every one.
+UNIT_CASES = {"hf-gpt2", "hf-llama-gqa", "timm-vit_tiny_patch16_224", "custom-functional"}
+
+
+@pytest.mark.parametrize("case", [pytest.param(c, id=c.id, marks=() if c.id in UNIT_CASES else pytest.mark.integration)
+                                  for c in CASES])
 def test_lora_all_linear_trains_only_the_adapter(case: Case):
     torch.manual_seed(0)
     model = case.build().train()

@@ -14,6 +14,7 @@ import pytest
 import torch
 from adaptc.passes.narrow import narrow_rows
 from adaptc.passes.sites import site_key
+from model_zoo import tiny_bert, tiny_timm_vit
 
 import adaptc
 
@@ -21,29 +22,25 @@ peft = pytest.importorskip("peft")
 
 
 def _vit():
-    import timm
-
-    torch.manual_seed(0)
-    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, depth=2, img_size=48, num_classes=5)
+    model = tiny_timm_vit(img_size=48, num_classes=5, seed=0)
     batch = (torch.randn(3, 3, 48, 48, generator=torch.Generator().manual_seed(1)),)
     target = torch.tensor([0, 3, 4])
     return model, batch, lambda out: torch.nn.functional.cross_entropy(out, target)
 
 
 def _bert(classifier: bool = True):
-    from transformers import BertConfig, BertForSequenceClassification, BertModel
+    from transformers import BertModel
 
     torch.manual_seed(0)
-    config = BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                        intermediate_size=64, max_position_embeddings=32, num_labels=3,
-                        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    config = dict(num_attention_heads=2, max_position_embeddings=32, hidden_dropout_prob=0.0,
+                  attention_probs_dropout_prob=0.0)
     ids = torch.randint(0, 64, (3, 9), generator=torch.Generator().manual_seed(1))
     mask = torch.ones_like(ids)
     mask[1, 6:] = 0  # padding: the attention mask's query rows are narrowed with the query
     if classifier:
         batch = {"input_ids": ids, "attention_mask": mask, "labels": torch.tensor([0, 2, 1])}
-        return BertForSequenceClassification(config), batch, lambda out: out.loss
-    return BertModel(config), {"input_ids": ids, "attention_mask": mask}, None
+        return tiny_bert(**config), batch, lambda out: out.loss
+    return tiny_bert(BertModel, **config), {"input_ids": ids, "attention_mask": mask}, None
 
 
 def _run(model, batch):
@@ -88,6 +85,7 @@ def _rows_read_by(am, weight_name: str) -> int:
     raise AssertionError(f"no op reads {weight_name}")
 
 
+@pytest.mark.integration  # by time (make test-unit under 2 minutes): PEFT as the reference
 @pytest.mark.parametrize("family", ["vit", "bert"])
 def test_one_token_classifier_trains_like_peft_with_a_narrowed_last_block(family, tmp_path):
     if family == "vit":

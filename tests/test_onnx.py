@@ -14,26 +14,23 @@ import pytest
 import timm
 import torch
 import torchaudio
-from torch import nn
-from transformers import (
-    BertConfig,
-    BertForSequenceClassification,
-    GPT2Config,
-    GPT2LMHeadModel,
-    LlamaConfig,
-    LlamaForCausalLM,
-    OPTConfig,
-    OPTForCausalLM,
-    ViTConfig,
-    ViTForImageClassification,
-    Wav2Vec2Config,
-    Wav2Vec2ForCTC,
+from model_zoo import (
+    VOCAB,
+    tiny_bert,
+    tiny_gpt2,
+    tiny_llama,
+    tiny_opt,
+    tiny_timm_vit,
+    tiny_vit,
+    tiny_wav2vec2,
 )
+from torch import nn
+from transformers import BertForSequenceClassification, GPT2LMHeadModel, OPTForCausalLM
 
 import adaptc
 from adaptc.errors import ExportError
 
-VOCAB = 64
+pytestmark = pytest.mark.integration  # ONNX export and ONNX Runtime sessions
 
 
 def randomize(am: adaptc.AdaptedModel, name: str | None = None, std: float = 0.05) -> None:
@@ -43,8 +40,7 @@ def randomize(am: adaptc.AdaptedModel, name: str | None = None, std: float = 0.0
 
 
 def gpt2() -> GPT2LMHeadModel:
-    config = GPT2Config(vocab_size=VOCAB, n_positions=32, n_embd=32, n_layer=2, n_head=4, bos_token_id=0, eos_token_id=0)
-    return GPT2LMHeadModel(config).eval()
+    return tiny_gpt2(n_positions=32, bos_token_id=0, eos_token_id=0).eval()
 
 
 def gpt2_inputs(batch: int = 2, length: int = 8) -> dict:
@@ -52,15 +48,11 @@ def gpt2_inputs(batch: int = 2, length: int = 8) -> dict:
 
 
 def opt() -> OPTForCausalLM:
-    config = OPTConfig(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, ffn_dim=128,
-                       max_position_embeddings=64, word_embed_proj_dim=64)
-    return OPTForCausalLM(config).eval()
+    return tiny_opt(hidden_size=64, ffn_dim=128, word_embed_proj_dim=64).eval()
 
 
 def bert() -> BertForSequenceClassification:
-    config = BertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                        intermediate_size=64, max_position_embeddings=32, num_labels=3)
-    return BertForSequenceClassification(config).eval()
+    return tiny_bert(max_position_embeddings=32).eval()
 
 
 def session_outputs(path: str, feeds: dict, adapters: list[str] = ()) -> list[np.ndarray]:
@@ -168,9 +160,7 @@ def test_llama_exported_from_one_row_runs_any_batch_and_length(tmp_path):
     """torch.export specialises a size-1 axis to the constant 1; an export from a single prompt must still
     serve batches. The adapter was captured from other keywords, so the export captures anew from 1 row."""
     torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(
-        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=64)).eval()
+    model = tiny_llama().eval()
     capture = {"input_ids": torch.randint(0, VOCAB, (2, 8)), "attention_mask": torch.ones(2, 8, dtype=torch.long),
                "use_cache": False}
     am = adaptc.inject(model, "lora", example_inputs=capture, r=4)
@@ -332,22 +322,11 @@ def test_op_without_onnx_lowering_names_the_op(tmp_path):
 # --- the rest of the zoo (slow) -------------------------------------------------------------------------
 
 def _zoo():
-    llama = lambda: LlamaForCausalLM(LlamaConfig(  # noqa: E731
-        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=64)).eval()
-    vit = lambda: ViTForImageClassification(ViTConfig(  # noqa: E731
-        image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-        intermediate_size=64, num_labels=5)).eval()
-    w2v = lambda: Wav2Vec2ForCTC(Wav2Vec2Config(  # noqa: E731
-        vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
-        num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=4, conv_dim=(16, 16, 16),
-        conv_stride=(5, 4, 4), conv_kernel=(10, 4, 4))).eval()
     return {
-        "llama": (llama, lambda: {"input_ids": torch.randint(0, VOCAB, (2, 8)), "use_cache": False}),
-        "hf-vit": (vit, lambda: {"pixel_values": torch.randn(2, 3, 32, 32)}),
-        "timm-vit_tiny": (lambda: timm.create_model("vit_tiny_patch16_224", pretrained=False, depth=2, img_size=32,
-                                                     num_classes=10).eval(), lambda: (torch.randn(2, 3, 32, 32),)),
-        "hf-wav2vec2": (w2v, lambda: {"input_values": torch.randn(2, 1600)}),
+        "llama": (lambda: tiny_llama().eval(), lambda: {"input_ids": torch.randint(0, VOCAB, (2, 8)), "use_cache": False}),
+        "hf-vit": (lambda: tiny_vit().eval(), lambda: {"pixel_values": torch.randn(2, 3, 32, 32)}),
+        "timm-vit_tiny": (lambda: tiny_timm_vit().eval(), lambda: (torch.randn(2, 3, 32, 32),)),
+        "hf-wav2vec2": (lambda: tiny_wav2vec2().eval(), lambda: {"input_values": torch.randn(2, 1600)}),
         "torchaudio-wav2vec2_base": (lambda: torchaudio.models.wav2vec2_base().eval(), lambda: (torch.randn(1, 4000),)),
     }
 

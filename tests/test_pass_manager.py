@@ -5,14 +5,15 @@ from __future__ import annotations
 import pytest
 import torch
 from adaptc.passes.manager import ADAPTERS_ATTR, GraphPass, PassManager, adapted_uses
+from model_zoo import tiny_gpt2
 from torch import fx
-from transformers import GPT2Config, GPT2LMHeadModel
+from transformers import GPT2LMHeadModel
 
 import adaptc
 
 
 def _gpt2() -> GPT2LMHeadModel:
-    return GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=4, vocab_size=64))
+    return tiny_gpt2(n_positions=1024)
 
 
 class _Recorder(GraphPass):

@@ -14,13 +14,17 @@ from typing import Any
 
 import pytest
 import torch
+from model_zoo import tiny_bert, tiny_gpt2, tiny_llama, tiny_timm_vit
 from torch import nn
 
 import adaptc
 
 peft = pytest.importorskip("peft")
 
-pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")  # PEFT's fan_in_fan_out notes etc.
+pytestmark = [
+    pytest.mark.filterwarnings("ignore::UserWarning"),  # PEFT's fan_in_fan_out notes etc.
+    pytest.mark.integration,  # by time (make test-unit under 2 minutes): PEFT as the reference
+]
 
 
 class Custom(nn.Module):
@@ -41,36 +45,24 @@ class Custom(nn.Module):
 
 
 def gpt2():
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    config = GPT2Config(vocab_size=64, n_positions=32, n_embd=32, n_layer=2, n_head=2, bos_token_id=0, eos_token_id=0)
-    return GPT2LMHeadModel(config), {"input_ids": torch.randint(0, 64, (2, 8)), "use_cache": False}
+    model = tiny_gpt2(n_positions=32, n_head=2, bos_token_id=0, eos_token_id=0)
+    return model, {"input_ids": torch.randint(0, 64, (2, 8)), "use_cache": False}
 
 
 def llama():
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    config = LlamaConfig(
-        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=32, bos_token_id=0, eos_token_id=0, pad_token_id=0,
-    )
-    return LlamaForCausalLM(config), {"input_ids": torch.randint(0, 64, (2, 8)), "use_cache": False}
+    model = tiny_llama(max_position_embeddings=32, bos_token_id=0, eos_token_id=0, pad_token_id=0)
+    return model, {"input_ids": torch.randint(0, 64, (2, 8)), "use_cache": False}
 
 
 def bert():
-    from transformers import BertConfig, BertModel
+    from transformers import BertModel
 
-    config = BertConfig(
-        vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-        max_position_embeddings=32,
-    )
-    return BertModel(config), {"input_ids": torch.randint(0, 64, (2, 8))}
+    model = tiny_bert(BertModel, num_attention_heads=2, max_position_embeddings=32, num_labels=2)
+    return model, {"input_ids": torch.randint(0, 64, (2, 8))}
 
 
 def vit():
-    import timm
-
-    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, depth=2, img_size=32, num_classes=5)
+    model = tiny_timm_vit(num_classes=5)
     return model, (torch.randn(2, 3, 32, 32),)
 
 
@@ -228,12 +220,9 @@ def test_adaptc_only_settings_are_kept_and_peft_ignores_them(tmp_path):
 
 def test_peft_selection_that_differs_from_adaptcs_loads_site_by_site(tmp_path):
     """PEFT's all-linear adapts a classifier head, adaptc's does not: the checkpoint's keys decide."""
-    from transformers import BertConfig, BertForSequenceClassification
-
     torch.manual_seed(0)
-    config = BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                        intermediate_size=64, max_position_embeddings=32, num_labels=3)
-    base, inputs = BertForSequenceClassification(config).eval(), {"input_ids": torch.randint(0, 64, (2, 8))}
+    base = tiny_bert(num_hidden_layers=1, num_attention_heads=2, max_position_embeddings=32).eval()
+    inputs = {"input_ids": torch.randint(0, 64, (2, 8))}
     pristine = copy.deepcopy(base)
     peft_model = peft.get_peft_model(base, peft.LoraConfig(r=2, target_modules="all-linear")).eval()
     randomize(peft_model.named_parameters())

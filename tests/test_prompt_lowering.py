@@ -11,7 +11,7 @@ import warnings
 import peft
 import pytest
 import torch
-from test_models import bert, gpt2, images, token_ids, vit
+from model_zoo import images, tiny_bert, tiny_gpt2, tiny_vit, token_ids
 
 import adaptc
 
@@ -24,6 +24,7 @@ def _randomize(am) -> None:
             p.add_(torch.randn_like(p) * 0.2)
 
 
+@pytest.mark.integration  # by time (make test-unit under 2 minutes): PEFT as the reference
 @pytest.mark.parametrize("method,options", [
     pytest.param("prompt", {}, id="prompt"),
     pytest.param("ptuning", {"encoder_hidden_size": 16}, id="ptuning", marks=pytest.mark.slow),
@@ -32,7 +33,7 @@ def _randomize(am) -> None:
 ])
 def test_save_load_and_peft_reads_it(tmp_path, method, options):
     torch.manual_seed(0)
-    model = gpt2().eval()
+    model = tiny_gpt2().eval()
     ids = token_ids(2, 8)
     am = adaptc.inject(model, method, example_inputs={"input_ids": ids}, num_virtual_tokens=V, **options)
     _randomize(am)
@@ -52,10 +53,11 @@ def test_save_load_and_peft_reads_it(tmp_path, method, options):
     torch.testing.assert_close(logits if method == "prefix" else logits[:, V:], expected, atol=1e-5, rtol=0)
 
 
+@pytest.mark.integration  # by time (make test-unit under 2 minutes): PEFT as the reference
 @pytest.mark.parametrize("method", ["prompt", "ptuning", pytest.param("prefix", marks=pytest.mark.slow)])
 def test_loads_peft_checkpoints(tmp_path, method):
     torch.manual_seed(0)
-    model = gpt2().eval()
+    model = tiny_gpt2().eval()
     ids = token_ids(2, 8)
     config = {
         "prompt": lambda: peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=V),
@@ -75,9 +77,10 @@ def test_loads_peft_checkpoints(tmp_path, method):
         torch.testing.assert_close(am(input_ids=ids).logits, expected, atol=1e-5, rtol=0)
 
 
+@pytest.mark.integration
 def test_merge_folds_to_constants_and_exports(tmp_path):
     torch.manual_seed(0)
-    model = vit().eval()
+    model = tiny_vit().eval()
     pixels = images(2, 32)
     am = adaptc.inject(model, "ptuning", example_inputs={"pixel_values": pixels}, num_virtual_tokens=V)
     _randomize(am)
@@ -95,8 +98,9 @@ def test_merge_folds_to_constants_and_exports(tmp_path):
     assert (tmp_path / "vit.onnx").is_file()
 
 
+@pytest.mark.integration
 @pytest.mark.slow
-@pytest.mark.parametrize("method,build", [("prefix", gpt2), ("prompt", bert)], ids=["gpt2-prefix", "bert-prompt"])
+@pytest.mark.parametrize("method,build", [("prefix", tiny_gpt2), ("prompt", tiny_bert)], ids=["gpt2-prefix", "bert-prompt"])
 def test_text_models_export(tmp_path, method, build):
     torch.manual_seed(0)
     model = build().eval()
@@ -107,9 +111,10 @@ def test_text_models_export(tmp_path, method, build):
     assert max(report.parity.values()) <= 1e-4
 
 
+@pytest.mark.integration  # by time (make test-unit under 2 minutes): a tokenizer-sized run
 def test_prompt_init_from_vocabulary_and_text():
     torch.manual_seed(0)
-    model = gpt2().eval()
+    model = tiny_gpt2().eval()
     table = model.transformer.wte.weight
     ids = token_ids(2, 8)
     am = adaptc.inject(model, "prompt", example_inputs={"input_ids": ids}, num_virtual_tokens=5, init="vocab")
@@ -123,7 +128,7 @@ def test_prompt_init_from_vocabulary_and_text():
 
 
 def test_unmerged_export_is_refused_for_prompt_methods(tmp_path):
-    model = gpt2().eval()
+    model = tiny_gpt2().eval()
     am = adaptc.inject(model, "prefix", example_inputs={"input_ids": token_ids(2, 8)}, num_virtual_tokens=V)
     with pytest.raises(adaptc.ExportError, match="merge=False"):
         adaptc.export_onnx(am, tmp_path / "m.onnx", merge=False)
@@ -138,9 +143,10 @@ def _greedy(model, ids, steps):
     return ids
 
 
+@pytest.mark.integration  # by time (make test-unit under 2 minutes): transformers' generate
 def test_generate_with_a_prompt():
     torch.manual_seed(0)
-    model = gpt2().eval()
+    model = tiny_gpt2().eval()
     ids = token_ids(2, 5)
     am = adaptc.inject(model, "prompt", example_inputs={"input_ids": ids}, num_virtual_tokens=V)
     _randomize(am)

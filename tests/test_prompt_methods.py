@@ -24,7 +24,19 @@ import torch
 import torch.nn.functional as F
 import torchaudio
 from adaptc.passes.sites import site_key
-from test_models import VOCAB, bert, gpt2, hf_wav2vec2, images, llama_gqa, token_ids, vit
+from model_zoo import (
+    VOCAB,
+    FunctionalSDPA,
+    images,
+    tiny_bert,
+    tiny_gpt2,
+    tiny_llama,
+    tiny_timm_vit,
+    tiny_torchaudio_wav2vec2,
+    tiny_vit,
+    tiny_wav2vec2,
+    token_ids,
+)
 from torch import nn
 
 import adaptc
@@ -64,14 +76,14 @@ def _copy_peft_weights(am, pm, method: str) -> None:
 
 
 PARITY = [
-    ("gpt2", gpt2, "CAUSAL_LM", "prompt"),
-    ("gpt2", gpt2, "CAUSAL_LM", "ptuning"),
-    ("gpt2", gpt2, "CAUSAL_LM", "prefix"),
-    ("bert", bert, "SEQ_CLS", "prompt"),
-    ("bert", bert, "SEQ_CLS", "ptuning-lstm"),
-    ("llama", llama_gqa, "CAUSAL_LM", "prompt"),
-    ("llama", llama_gqa, "CAUSAL_LM", "ptuning"),
-    ("llama", llama_gqa, "CAUSAL_LM", "prefix"),
+    ("gpt2", tiny_gpt2, "CAUSAL_LM", "prompt"),
+    ("gpt2", tiny_gpt2, "CAUSAL_LM", "ptuning"),
+    ("gpt2", tiny_gpt2, "CAUSAL_LM", "prefix"),
+    ("bert", tiny_bert, "SEQ_CLS", "prompt"),
+    ("bert", tiny_bert, "SEQ_CLS", "ptuning-lstm"),
+    ("llama", tiny_llama, "CAUSAL_LM", "prompt"),
+    ("llama", tiny_llama, "CAUSAL_LM", "ptuning"),
+    ("llama", tiny_llama, "CAUSAL_LM", "prefix"),
 ]
 
 
@@ -83,6 +95,7 @@ def _padded_batch() -> dict:
     return {"input_ids": ids, "attention_mask": mask}
 
 
+@pytest.mark.integration  # by time (make test-unit under 2 minutes): PEFT as the reference
 @pytest.mark.parametrize("name,build,task,method", PARITY, ids=[f"{p[0]}-{p[3]}" for p in PARITY])
 def test_matches_peft(name, build, task, method):
     torch.manual_seed(0)
@@ -135,9 +148,10 @@ def _eager_prefix_reference(model, am, batch) -> torch.Tensor:
         F.scaled_dot_product_attention = original
 
 
+@pytest.mark.integration  # by time (make test-unit under 2 minutes): PEFT as the reference
 def test_bert_prefix_where_peft_fails():
     torch.manual_seed(0)
-    model = bert().eval()
+    model = tiny_bert().eval()
     batch = _padded_batch()
     pm = _peft_model(model, "prefix", "SEQ_CLS")
     with pytest.raises(ValueError, match="past key values"):  # PEFT 0.21 on transformers 5: BERT has no cache
@@ -152,44 +166,6 @@ def test_bert_prefix_where_peft_fails():
 
 
 # --- the zoo -----------------------------------------------------------------------------------
-
-class CausalBlock(nn.Module):
-    def __init__(self, dim: int = 32, heads: int = 4) -> None:
-        super().__init__()
-        self.heads = heads
-        self.norm = nn.LayerNorm(dim)
-        self.qkv = nn.Linear(dim, 3 * dim)
-        self.out = nn.Linear(dim, dim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, t, d = x.shape
-        q, k, v = self.qkv(self.norm(x)).view(b, t, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        return x + self.out(y.transpose(1, 2).reshape(b, t, d))
-
-
-class CustomSDPA(nn.Module):
-    """A user's own transformer written with F.scaled_dot_product_attention: features in, features out."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.embed = nn.Linear(8, 32)
-        self.blocks = nn.Sequential(CausalBlock(), CausalBlock())
-        self.head = nn.Linear(32, 5)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.blocks(self.embed(x)))
-
-
-def small_torchaudio_wav2vec2() -> nn.Module:
-    return torchaudio.models.wav2vec2_model(
-        extractor_mode="group_norm", extractor_conv_layer_config=[(16, 10, 5), (16, 4, 4), (16, 4, 4)],
-        extractor_conv_bias=False, encoder_embed_dim=32, encoder_projection_dropout=0.1, encoder_pos_conv_kernel=16,
-        encoder_pos_conv_groups=4, encoder_num_layers=2, encoder_num_heads=4, encoder_attention_dropout=0.1,
-        encoder_ff_interm_features=64, encoder_ff_interm_dropout=0.0, encoder_dropout=0.1,
-        encoder_layer_norm_first=False, encoder_layer_drop=0.0, aux_num_out=None,
-    )
-
 
 def _main(out: Any) -> torch.Tensor:
     if hasattr(out, "logits"):
@@ -211,28 +187,28 @@ def _call(module: nn.Module, inputs: Any) -> Any:
 
 
 ZOO = {
-    "gpt2": Zoo("gpt2", gpt2, lambda b, s: {"input_ids": token_ids(b, s)}, (2, 8), (3, 11)),
-    "llama": Zoo("llama", llama_gqa, lambda b, s: {"input_ids": token_ids(b, s)}, (2, 8), (3, 11)),
-    "bert": Zoo("bert", bert, lambda b, s: {"input_ids": token_ids(b, s)}, (2, 8), (3, 11)),
-    "hf-vit": Zoo("hf-vit", vit, lambda b, s: {"pixel_values": images(b, s)}, (2, 32), (3, 32)),
-    "hf-wav2vec2": Zoo("hf-wav2vec2", hf_wav2vec2, lambda b, n: {"input_values": torch.randn(b, n)}, (2, 1600), (3, 2400)),
-    "timm-vit": Zoo("timm-vit", lambda: timm.create_model(
-        "vit_tiny_patch16_224", pretrained=False, depth=2, img_size=32, num_classes=10),
-        lambda b, s: (images(b, s),), (2, 32), (3, 32)),
+    "gpt2": Zoo("gpt2", tiny_gpt2, lambda b, s: {"input_ids": token_ids(b, s)}, (2, 8), (3, 11)),
+    "llama": Zoo("llama", tiny_llama, lambda b, s: {"input_ids": token_ids(b, s)}, (2, 8), (3, 11)),
+    "bert": Zoo("bert", tiny_bert, lambda b, s: {"input_ids": token_ids(b, s)}, (2, 8), (3, 11)),
+    "hf-vit": Zoo("hf-vit", tiny_vit, lambda b, s: {"pixel_values": images(b, s)}, (2, 32), (3, 32)),
+    "hf-wav2vec2": Zoo("hf-wav2vec2", tiny_wav2vec2, lambda b, n: {"input_values": torch.randn(b, n)}, (2, 1600), (3, 2400)),
+    "timm-vit": Zoo("timm-vit", tiny_timm_vit, lambda b, s: (images(b, s),), (2, 32), (3, 32)),
     "timm-deit": Zoo("timm-deit", lambda: timm.create_model(
         "deit_tiny_patch16_224", pretrained=False, depth=2, img_size=32, num_classes=10),
         lambda b, s: (images(b, s),), (2, 32), (3, 32)),
-    "torchaudio-wav2vec2-small": Zoo("torchaudio-wav2vec2-small", small_torchaudio_wav2vec2,
+    "torchaudio-wav2vec2-small": Zoo("torchaudio-wav2vec2-small", tiny_torchaudio_wav2vec2,
                                      lambda b, n: (torch.randn(b, n),), (2, 1600), (3, 2400)),
     "torchaudio-wav2vec2_base": Zoo("torchaudio-wav2vec2_base", torchaudio.models.wav2vec2_base,
                                     lambda b, n: (torch.randn(b, n),), (2, 4000), (3, 5600)),
-    "custom-sdpa": Zoo("custom-sdpa", CustomSDPA, lambda b, t: (torch.randn(b, t, 8),), (2, 10), (3, 13)),
+    "custom-sdpa": Zoo("custom-sdpa", FunctionalSDPA, lambda b, t: (torch.randn(b, t, 8),), (2, 10), (3, 13)),
 }
 FAST = {("gpt2", "prompt"), ("llama", "prefix"), ("timm-deit", "ptuning"), ("torchaudio-wav2vec2-small", "prompt"),
         ("custom-sdpa", "prefix")}
+UNIT = {("custom-sdpa", "prefix")}  # the other FAST cells: integration, by time (make test-unit under 2 minutes)
 MATRIX = [
     pytest.param(zoo, method, id=f"{key}-{method}",
-                 marks=() if (key, method) in FAST else (pytest.mark.slow,))
+                 marks=(() if (key, method) in UNIT else (pytest.mark.integration,)) if (key, method) in FAST
+                 else (pytest.mark.slow,))
     for key, zoo in ZOO.items() for method in ("prompt", "ptuning", "prefix")
 ]
 
@@ -285,8 +261,8 @@ SLOW = pytest.mark.slow
 
 
 @pytest.mark.parametrize("build,method", [
-    pytest.param(gpt2, "prefix", id="gpt2-prefix"), pytest.param(bert, "prompt", id="bert-prompt"),
-    pytest.param(gpt2, "prompt", id="gpt2-prompt", marks=SLOW), pytest.param(bert, "prefix", id="bert-prefix", marks=SLOW),
+    pytest.param(tiny_gpt2, "prefix", id="gpt2-prefix"), pytest.param(tiny_bert, "prompt", id="bert-prompt"),
+    pytest.param(tiny_gpt2, "prompt", id="gpt2-prompt", marks=SLOW), pytest.param(tiny_bert, "prefix", id="bert-prefix", marks=SLOW),
 ])
 def test_padded_rows_equal_rows_alone(build, method):
     torch.manual_seed(0)
@@ -311,7 +287,7 @@ def test_padded_rows_equal_rows_alone(build, method):
 @pytest.mark.parametrize("method", ["prompt", pytest.param("ptuning", marks=SLOW), "prefix"])
 def test_causal_outputs_ignore_later_tokens(method):
     torch.manual_seed(0)
-    model = llama_gqa().eval()
+    model = tiny_llama().eval()
     ids = token_ids(2, 10)
     am = adaptc.inject(model, method, example_inputs={"input_ids": ids}, num_virtual_tokens=V)
     changed = ids.clone()
@@ -333,7 +309,7 @@ def test_model_without_attention_is_refused(method):
 
 
 def test_one_prompt_method_per_model():
-    model = gpt2().eval()
+    model = tiny_gpt2().eval()
     am = adaptc.inject(model, "prompt", example_inputs={"input_ids": token_ids(2, 8)}, num_virtual_tokens=V)
     with pytest.raises(adaptc.ConfigError, match="one prompt-method adapter"):
         am.add_adapter("other", "prefix", num_virtual_tokens=V)
@@ -349,7 +325,7 @@ def test_one_prompt_method_per_model():
 def test_bad_prompt_options(options, match):
     method = "ptuning" if "encoder" in options else "prompt"
     with pytest.raises(adaptc.ConfigError, match=match):
-        adaptc.inject(gpt2(), method, example_inputs={"input_ids": token_ids(1, 4)}, **options)
+        adaptc.inject(tiny_gpt2(), method, example_inputs={"input_ids": token_ids(1, 4)}, **options)
 
 
 class _LooksUpItsOwnTokens(nn.Module):
@@ -392,15 +368,12 @@ def test_functional_token_lookup_gets_the_prompt(method):
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.integration  # by time (make test-unit under 2 minutes): a second attention implementation
 def test_unfused_attention_gets_the_same_prefix():
     """transformers' eager attention (matmul, scale, mask, softmax, dropout, matmul) is matched too:
     with the same prefix it computes what the SDPA model computes."""
-    from transformers import GPT2Config, GPT2LMHeadModel
-
     def build(impl: str) -> nn.Module:
-        torch.manual_seed(0)
-        return GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_positions=64, n_embd=32, n_layer=2, n_head=4,
-                                          attn_implementation=impl)).eval()
+        return tiny_gpt2(attn_implementation=impl, seed=0).eval()
 
     fused, unfused = build("sdpa"), build("eager")
     batch = _padded_batch()
@@ -420,10 +393,8 @@ def test_unfused_attention_gets_the_same_prefix():
 def test_labels_given_as_the_same_tensor_as_input_ids():
     """HF users pass labels=input_ids (one tensor object); export then has one placeholder for both.
     Reference: the same call with a copy of the ids as labels."""
-    from transformers import GPT2Config, GPT2LMHeadModel
-
     torch.manual_seed(0)
-    model = GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_positions=64, n_embd=32, n_layer=2, n_head=4)).eval()
+    model = tiny_gpt2().eval()
     ids = torch.randint(0, VOCAB, (2, 6))
     am = adaptc.inject(model, "prompt", example_inputs={"input_ids": ids, "labels": ids}, num_virtual_tokens=V)
     assert am.adapter_configs()["default"].method == "prompt"

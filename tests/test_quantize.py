@@ -12,18 +12,19 @@ from __future__ import annotations
 import math
 import re
 
+import model_zoo
 import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
 from adaptc.passes import quantize as q
+from model_zoo import VOCAB, tiny_gpt2
 from torch import nn
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
 import adaptc
 from adaptc.errors import ConfigError, ExportError
 
-VOCAB = 64
 # bitsandbytes' NF4 table (functional.py), as published with the QLoRA paper (its delta is rounded to 0.9677083).
 PUBLISHED_NF4 = [
     -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
@@ -112,10 +113,8 @@ def test_int8_round_trip_within_half_a_step_per_row() -> None:
 # --- the quantized model ------------------------------------------------------------------------------
 
 def tiny_llama() -> LlamaForCausalLM:
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
-    return LlamaForCausalLM(config).eval()
+    return model_zoo.tiny_llama(hidden_size=64, intermediate_size=96, max_position_embeddings=2048,
+                                tie_word_embeddings=False, seed=0).eval()
 
 
 def batch() -> dict:
@@ -167,6 +166,7 @@ def trained():
             "losses": losses, "inputs": inputs}
 
 
+@pytest.mark.integration  # by time (make test-unit under 2 minutes): the quantized Llama end to end
 def test_quantized_llama_matches_dequantized_reference_and_keeps_every_site(trained) -> None:
     am, model = trained["am"], trained["model"]
     quantized = q.quantized_modules(model)
@@ -178,6 +178,7 @@ def test_quantized_llama_matches_dequantized_reference_and_keeps_every_site(trai
     torch.testing.assert_close(trained["initial"].logits, trained["expected"].logits, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.integration  # by time (make test-unit under 2 minutes): the quantized Llama end to end
 def test_quantized_llama_trains_only_lora_and_keeps_base_bytes(trained) -> None:
     am, losses = trained["am"], trained["losses"]
     assert losses[-1] < 0.8 * losses[0], losses
@@ -191,6 +192,7 @@ def test_quantized_llama_trains_only_lora_and_keeps_base_bytes(trained) -> None:
     assert bytes_["quantized"] <= 0.2 * fp_bytes
 
 
+@pytest.mark.integration  # by time (make test-unit under 2 minutes): the quantized Llama end to end
 def test_save_and_load_adapter_on_a_quantized_base(trained, tmp_path) -> None:
     am, inputs = trained["am"], trained["inputs"]
     am.save_adapter(tmp_path)
@@ -201,6 +203,7 @@ def test_save_and_load_adapter_on_a_quantized_base(trained, tmp_path) -> None:
         torch.testing.assert_close(loaded(**inputs).logits, am(**inputs).logits, atol=1e-6, rtol=1e-6)
 
 
+@pytest.mark.integration
 @pytest.mark.slow
 def test_onnx_export_of_the_merged_quantized_llama(trained, tmp_path) -> None:
     am, inputs = trained["am"], trained["inputs"]
@@ -217,6 +220,7 @@ def test_onnx_export_of_the_merged_quantized_llama(trained, tmp_path) -> None:
         adaptc.export_onnx(am, tmp_path / "u.onnx", merge=False)
 
 
+@pytest.mark.integration  # by time (make test-unit under 2 minutes): the quantized Llama end to end
 def test_merge_keep_fp_then_requantize(trained) -> None:
     """Last user of the fixture: merge(requantize=True) consumes the adapter."""
     from adaptc.targets.merge import merged_copy
@@ -314,6 +318,7 @@ def test_failed_inject_puts_the_linear_layers_back() -> None:
     assert type(model.up) is nn.Linear and type(model.down) is nn.Linear
 
 
+@pytest.mark.integration
 def test_onnx_export_of_a_merged_nf4_model(tmp_path) -> None:
     model = MLP()
     x = torch.randn(4, 100)
@@ -359,12 +364,11 @@ def test_cli_rejects_an_unknown_format_before_building_the_model(capsys) -> None
 
 
 def test_gpt2_conv1d_layers_quantize_to_the_transposed_weight() -> None:
-    from transformers import GPT2Config, GPT2LMHeadModel
     from transformers.pytorch_utils import Conv1D
 
     torch.manual_seed(0)
-    config = GPT2Config(vocab_size=VOCAB, n_positions=16, n_embd=64, n_layer=1, n_head=4, bos_token_id=0, eos_token_id=0)
-    model, reference = GPT2LMHeadModel(config).eval(), GPT2LMHeadModel(config).eval()
+    config = dict(n_positions=16, n_embd=64, n_layer=1, n_head=4, bos_token_id=0, eos_token_id=0)
+    model, reference = tiny_gpt2(**config).eval(), tiny_gpt2(**config).eval()
     reference.load_state_dict(model.state_dict())
     with torch.no_grad():
         for module in reference.modules():

@@ -8,19 +8,17 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from model_zoo import VOCAB, tiny_llama
 
 import adaptc
 
-VOCAB = 64
+pytestmark = pytest.mark.integration  # ONNX export and ONNX Runtime sessions
 
 
 @pytest.mark.parametrize("kv_heads", [4, 2])
 def test_llama_rotary_fuses_and_matches_pytorch(tmp_path, kv_heads):
     torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(
-        vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=kv_heads, max_position_embeddings=64)).eval()
+    model = tiny_llama(hidden_size=64, intermediate_size=96, num_key_value_heads=kv_heads).eval()
     inputs = {"input_ids": torch.randint(0, VOCAB, (2, 8)), "use_cache": False}
     am = adaptc.inject(model, "lora", example_inputs=inputs, r=4)
     with torch.no_grad():

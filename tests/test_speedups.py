@@ -5,20 +5,18 @@ from __future__ import annotations
 import copy
 import warnings
 
+import pytest
 import torch
 from adaptc.passes import speedups
 from adaptc.passes.lora_fused import effective_keep
+from model_zoo import tiny_gpt2, tiny_llama
 
 import adaptc
 
 
 def _gpt2(dropout: float = 0.0):
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    torch.manual_seed(0)
-    config = GPT2Config(vocab_size=64, n_embd=32, n_layer=2, n_head=2, resid_pdrop=dropout, embd_pdrop=dropout,
-                        attn_pdrop=0.0, tie_word_embeddings=False)
-    return GPT2LMHeadModel(config)
+    return tiny_gpt2(n_positions=1024, n_head=2, resid_pdrop=dropout, embd_pdrop=dropout, attn_pdrop=0.0,
+                     tie_word_embeddings=False, seed=0)
 
 
 def _adapted_training_step(model):
@@ -37,6 +35,7 @@ def _targets(am) -> list[str]:
     return [str(n.target) for n in am.graph_module.graph.nodes if n.op == "call_function"]
 
 
+@pytest.mark.integration  # by time (make test-unit under 2 minutes): PEFT as the reference
 def test_gpt2_gelu_becomes_one_op_and_training_matches_peft(tmp_path):
     """Reference: PEFT on the eager model (which runs gelu_new written out), same adapter weights."""
     model = _gpt2()
@@ -74,13 +73,10 @@ def _assert_training_matches_peft(model, am, batch, out, tmp_path, sites: int) -
     assert checked == 2 * sites
 
 
+@pytest.mark.integration  # by time (make test-unit under 2 minutes): PEFT as the reference
 def test_llama_rms_norm_and_rope_become_one_op_each_and_training_matches_peft(tmp_path):
     """Reference: PEFT on the eager model (which runs LlamaRMSNorm and rotate_half written out), same adapter weights."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                         num_attention_heads=4, num_key_value_heads=2))
+    model = tiny_llama(max_position_embeddings=2048, seed=0)
     with torch.no_grad():  # norm weights away from 1, so a dropped weight would show
         for name, p in model.named_parameters():
             if "norm" in name:

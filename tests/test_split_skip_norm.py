@@ -11,8 +11,8 @@ import onnxruntime as ort
 import pytest
 import torch
 from adaptc.targets.split_skip_norm import split_skip_norms
+from model_zoo import tiny_gpt2
 from onnx import TensorProto, helper
-from transformers import GPT2Config, GPT2LMHeadModel
 
 import adaptc
 
@@ -43,6 +43,7 @@ def run(model: onnx.ModelProto, feeds: dict) -> list[np.ndarray]:
     return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"]).run(None, feeds)
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("op", ["SkipLayerNormalization", "SkipSimplifiedLayerNormalization"])
 def test_split_norm_computes_what_the_fused_kernel_does(op):
     rng = np.random.default_rng(1)
@@ -65,9 +66,10 @@ def test_a_norm_whose_statistics_are_read_stays_fused():
     assert [n.op_type for n in model.graph] == ["SkipLayerNormalization"]
 
 
+@pytest.mark.integration
 def test_gpt2_export_has_no_fused_skip_norm_and_keeps_parity(tmp_path):
     torch.manual_seed(0)
-    model = GPT2LMHeadModel(GPT2Config(vocab_size=64, n_positions=32, n_embd=32, n_layer=2, n_head=4)).eval()
+    model = tiny_gpt2(n_positions=32).eval()
     inputs = {"input_ids": torch.randint(0, 64, (2, 8)), "use_cache": False}
     am = adaptc.inject(model, "lora", example_inputs=inputs, r=4)
     with torch.no_grad():

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 from pathlib import Path
 
 import pytest
 import torch
+from model_zoo import load_example
 
 import adaptc
 from adaptc.errors import ConfigError, InputError, TrainingError
@@ -17,14 +17,7 @@ from adaptc.train import TrainConfig, evaluate, train
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _example():
-    spec = importlib.util.spec_from_file_location("tiny_classifier_for_train", ROOT / "examples" / "tiny_classifier.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-M = _example()
+M = load_example("tiny_classifier", "tiny_classifier_for_train")
 
 
 @pytest.fixture

@@ -15,8 +15,8 @@ import onnxruntime as ort
 import pytest
 import torch
 from adaptc.targets.unpack_attention import unpack_attention
+from model_zoo import tiny_bert
 from onnx import TensorProto, helper
-from transformers import BertConfig, BertForSequenceClassification
 
 import adaptc
 
@@ -47,6 +47,7 @@ def run(model: onnx.ModelProto, feeds: dict) -> np.ndarray:
     return session.run(None, feeds)[0]
 
 
+@pytest.mark.integration
 def test_unpacked_attention_computes_what_the_packed_kernel_does():
     packed = packed_attention_model()
     rng = np.random.default_rng(1)
@@ -72,10 +73,8 @@ def test_attention_with_a_mask_index_is_left_packed():
 @pytest.fixture(scope="module")
 def bert_int8(tmp_path_factory):
     torch.manual_seed(0)
-    config = BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                        intermediate_size=64, max_position_embeddings=32, num_labels=3)
     inputs = {"input_ids": torch.randint(0, 64, (2, 8))}
-    am = adaptc.inject(BertForSequenceClassification(config).eval(), "lora", example_inputs=inputs, r=4)
+    am = adaptc.inject(tiny_bert(max_position_embeddings=32).eval(), "lora", example_inputs=inputs, r=4)
     with torch.no_grad():
         for p in am.adapter_parameters():
             p.add_(torch.randn_like(p) * 0.05)
@@ -83,6 +82,7 @@ def bert_int8(tmp_path_factory):
     return adaptc.export_onnx(am, path, quantize="int8"), path
 
 
+@pytest.mark.integration
 def test_bert_int8_quantizes_the_attention_projections(bert_int8):
     report, path = bert_int8
     assert report.fused_ops.get("Attention") == 2, report.fused_ops  # the fp32 model keeps the packed kernel

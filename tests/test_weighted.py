@@ -4,6 +4,7 @@ import copy
 
 import pytest
 import torch
+from model_zoo import tiny_gpt2
 from torch import nn
 
 import adaptc
@@ -98,9 +99,7 @@ def test_exact_combinations_equal_weighted_delta_sum(combination):
 
 
 def test_gpt2_conv1d_svd_matches_weighted_sum():
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=50, n_positions=16))
+    model = tiny_gpt2(n_layer=1, n_embd=16, n_head=2, vocab_size=50, n_positions=16)
     ids = torch.randint(0, 50, (2, 5))
     am = adaptc.inject(model, "lora", example_inputs={"input_ids": ids, "use_cache": False}, targets=["c_attn"], r=2)
     am.add_adapter("b", "lora", targets=["c_attn"], r=3, alpha=5)

@@ -20,6 +20,8 @@ import pytest
 from cell import CellResult, peft_support, run_cell
 from zoo import ARCHS, METHODS
 
+pytestmark = pytest.mark.integration  # conformance cells: each exports ONNX and runs ONNX Runtime (cell.py)
+
 RESULTS = Path(__file__).with_name("results.json")
 
 FAST = {("custom-conv", "lora"), ("custom-conv", "prompt"), ("custom-sdpa", "prefix"), ("custom-sdpa", "ptuning"),

@@ -4,23 +4,45 @@ An ``Arch`` says how to build the model (random weights, seeded by the caller), 
 call's inputs at a batch size and length, the sizes of the fixed batch and of a second, new
 shape (the ONNX check), whether it has attention (prompt methods apply only then) and the task
 type PEFT would need for its prompt methods (None: PEFT has none for this kind of model).
-Nothing here downloads anything.
+Nothing here downloads anything. The builders the rest of the tests use too (GPT-2, Llama, OPT, BERT,
+T5, ViT, wav2vec 2.0, the conformer, the functional modules) come from the shared zoo, tests/model_zoo.py.
 """
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import timm
 import torch
 import torch.nn.functional as F
-import torchaudio
 import transformers as tf
 from torch import nn
 
-VOCAB = 64
+TESTS = str(Path(__file__).resolve().parents[1])
+if TESTS not in sys.path:  # tests/, for the shared zoo: pytest's conftest puts it there, report.py (a script) does not
+    sys.path.insert(0, TESTS)
+from model_zoo import (  # noqa: E402
+    BERT,
+    VOCAB,
+    WAV2VEC2,
+    FunctionalConvNet,
+    FunctionalSDPA,
+    conformer_inputs,
+    tiny_bert,
+    tiny_conformer,
+    tiny_gpt2,
+    tiny_llama,
+    tiny_opt,
+    tiny_t5,
+    tiny_timm_vit,
+    tiny_torchaudio_wav2vec2,
+    tiny_vit,
+    tiny_wav2vec2,
+)
 
 
 @dataclass(frozen=True)
@@ -85,49 +107,31 @@ def _hf(cls: Any, config_cls: Any, **config: Any) -> Callable[[], nn.Module]:
 # LAYER_SCALE: ConvNeXt initialises its per-block layer scale to 1e-6, so at init any change inside a block
 # (an adapter on its MLP) moves the output by ~1e-13, below float32 resolution. Trained ConvNeXts have scales
 # of order 0.1-1; the zoo uses 0.5 so that the adapters' effect is measurable.
-SMALL_W2V = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
-                 num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=4, conv_dim=(16, 16, 16),
-                 conv_stride=(5, 4, 4), conv_kernel=(10, 4, 4), vocab_size=VOCAB)
-BERTISH = dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
-               max_position_embeddings=64, num_labels=3)
 
 TRANSFORMERS = [
-    Arch("gpt2", "transformers", "decoder", _hf(tf.GPT2LMHeadModel, tf.GPT2Config, vocab_size=VOCAB, n_positions=64,
-                                                n_embd=32, n_layer=2, n_head=4), causal, **TEXT, peft_task="CAUSAL_LM"),
-    Arch("llama", "transformers", "decoder, grouped-query attention", _hf(
-        tf.LlamaForCausalLM, tf.LlamaConfig, vocab_size=VOCAB, hidden_size=32, intermediate_size=64,
-        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64),
-        causal, **TEXT, peft_task="CAUSAL_LM"),
+    Arch("gpt2", "transformers", "decoder", tiny_gpt2, causal, **TEXT, peft_task="CAUSAL_LM"),
+    Arch("llama", "transformers", "decoder, grouped-query attention", tiny_llama, causal, **TEXT,
+         peft_task="CAUSAL_LM"),
     Arch("qwen2", "transformers", "decoder, grouped-query attention", _hf(
         tf.Qwen2ForCausalLM, tf.Qwen2Config, vocab_size=VOCAB, hidden_size=32, intermediate_size=64,
         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=1, max_position_embeddings=64),
         causal, **TEXT, peft_task="CAUSAL_LM"),
-    Arch("opt", "transformers", "decoder", _hf(
-        tf.OPTForCausalLM, tf.OPTConfig, vocab_size=VOCAB, hidden_size=32, ffn_dim=64, num_hidden_layers=2,
-        num_attention_heads=4, max_position_embeddings=64, word_embed_proj_dim=32),
-        causal, **TEXT, peft_task="CAUSAL_LM"),
-    Arch("bert", "transformers", "encoder", _hf(tf.BertForSequenceClassification, tf.BertConfig, **BERTISH),
-         ids_mask, **TEXT, peft_task="SEQ_CLS"),
+    Arch("opt", "transformers", "decoder", tiny_opt, causal, **TEXT, peft_task="CAUSAL_LM"),
+    Arch("bert", "transformers", "encoder", tiny_bert, ids_mask, **TEXT, peft_task="SEQ_CLS"),
     Arch("roberta", "transformers", "encoder", _hf(
-        tf.RobertaForSequenceClassification, tf.RobertaConfig, **{**BERTISH, "max_position_embeddings": 80}),
+        tf.RobertaForSequenceClassification, tf.RobertaConfig, **{**BERT, "max_position_embeddings": 80}),
         ids_mask, **TEXT, peft_task="SEQ_CLS"),
     Arch("distilbert", "transformers", "encoder", _hf(
         tf.DistilBertForSequenceClassification, tf.DistilBertConfig, vocab_size=VOCAB, dim=32, n_layers=2,
         n_heads=4, hidden_dim=64, max_position_embeddings=64, num_labels=3),
         ids_mask, **TEXT, peft_task="SEQ_CLS"),
-    Arch("t5", "transformers", "encoder-decoder", _hf(
-        tf.T5ForConditionalGeneration, tf.T5Config, vocab_size=VOCAB, d_model=32, d_kv=8, d_ff=64, num_layers=2,
-        num_decoder_layers=2, num_heads=4, decoder_start_token_id=0, pad_token_id=0),
-        seq2seq, **TEXT, peft_task="SEQ_2_SEQ_LM"),
+    Arch("t5", "transformers", "encoder-decoder", tiny_t5, seq2seq, **TEXT, peft_task="SEQ_2_SEQ_LM"),
     Arch("bart", "transformers", "encoder-decoder", _hf(
         tf.BartForConditionalGeneration, tf.BartConfig, vocab_size=VOCAB, d_model=32, encoder_layers=2,
         decoder_layers=2, encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=64,
         decoder_ffn_dim=64, max_position_embeddings=64),
         seq2seq, **TEXT, peft_task="SEQ_2_SEQ_LM"),
-    Arch("hf-vit", "transformers", "vision transformer", _hf(
-        tf.ViTForImageClassification, tf.ViTConfig, image_size=32, patch_size=8, hidden_size=32,
-        num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, num_labels=5),
-        pixels, (2, 32), (3, 32)),
+    Arch("hf-vit", "transformers", "vision transformer", tiny_vit, pixels, (2, 32), (3, 32)),
     Arch("hf-deit", "transformers", "vision transformer, distillation token", _hf(
         tf.DeiTForImageClassificationWithTeacher, tf.DeiTConfig, image_size=32, patch_size=8, hidden_size=32,
         num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, num_labels=5),
@@ -145,9 +149,8 @@ TRANSFORMERS = [
         sr_ratios=[2, 1], hidden_sizes=[16, 32], patch_sizes=[7, 3], strides=[4, 2], num_attention_heads=[1, 2],
         mlp_ratios=[2, 2], num_labels=5),
         pixels, (2, 32), (3, 32), fixed_sequence=True),
-    Arch("hf-wav2vec2", "transformers", "audio encoder", _hf(tf.Wav2Vec2ForCTC, tf.Wav2Vec2Config, **SMALL_W2V),
-         values, (2, 1600), (3, 2400)),
-    Arch("hf-hubert", "transformers", "audio encoder", _hf(tf.HubertForCTC, tf.HubertConfig, **SMALL_W2V),
+    Arch("hf-wav2vec2", "transformers", "audio encoder", tiny_wav2vec2, values, (2, 1600), (3, 2400)),
+    Arch("hf-hubert", "transformers", "audio encoder", _hf(tf.HubertForCTC, tf.HubertConfig, **WAV2VEC2),
          values, (2, 1600), (3, 2400)),
     Arch("whisper-encoder", "transformers", "audio encoder (Whisper's, with a classifier head)", _hf(
         tf.WhisperForAudioClassification, tf.WhisperConfig, num_mel_bins=8, d_model=32, encoder_layers=2,
@@ -174,8 +177,7 @@ def _random_head(model: nn.Module) -> nn.Module:
 
 
 TIMM = [
-    Arch("timm-vit", "timm", "vision transformer", _timm("vit_tiny_patch16_224", depth=2, img_size=32),
-         image, (2, 32), (3, 32)),
+    Arch("timm-vit", "timm", "vision transformer", tiny_timm_vit, image, (2, 32), (3, 32)),
     Arch("timm-deit", "timm", "vision transformer, distillation token",
          _timm("deit_tiny_distilled_patch16_224", depth=2, img_size=32, num_classes=7), image, (2, 32), (3, 32)),
     Arch("timm-resnet18", "timm", "convolutional", _timm("resnet18"), image, (2, 32), (3, 48), attention=False),
@@ -203,18 +205,7 @@ TIMM = [
 # --- torchaudio ---------------------------------------------------------------------------------
 
 def _w2v(**overrides: Any) -> Callable[[], nn.Module]:
-    args = dict(extractor_mode="group_norm", extractor_conv_layer_config=[(16, 10, 5), (16, 4, 4), (16, 4, 4)],
-                extractor_conv_bias=False, encoder_embed_dim=32, encoder_projection_dropout=0.1,
-                encoder_pos_conv_kernel=16, encoder_pos_conv_groups=4, encoder_num_layers=2, encoder_num_heads=4,
-                encoder_attention_dropout=0.1, encoder_ff_interm_features=64, encoder_ff_interm_dropout=0.0,
-                encoder_dropout=0.1, encoder_layer_norm_first=False, encoder_layer_drop=0.0, aux_num_out=None)
-    return lambda: torchaudio.models.wav2vec2_model(**{**args, **overrides})
-
-
-def conformer_inputs(b: int, t: int) -> tuple:
-    lengths = torch.full((b,), t, dtype=torch.int64)
-    lengths[1:] = torch.randint(t // 2, t + 1, (b - 1,))  # the first is full: max(lengths) == t
-    return (torch.randn(b, t, 32), lengths)
+    return lambda: tiny_torchaudio_wav2vec2(**overrides)
 
 
 TORCHAUDIO = [
@@ -222,60 +213,12 @@ TORCHAUDIO = [
     Arch("torchaudio-hubert", "torchaudio", "audio encoder (HuBERT-large layout: layer-norm extractor, pre-norm)",
          _w2v(extractor_mode="layer_norm", extractor_conv_bias=True, encoder_layer_norm_first=True, aux_num_out=VOCAB),
          waveform, (2, 1600), (3, 2400)),
-    Arch("torchaudio-conformer", "torchaudio", "audio encoder, length mask", lambda: torchaudio.models.Conformer(
-        input_dim=32, num_heads=4, ffn_dim=64, num_layers=2, depthwise_conv_kernel_size=7, dropout=0.1),
-        conformer_inputs, (2, 20), (3, 31)),
+    Arch("torchaudio-conformer", "torchaudio", "audio encoder, length mask", tiny_conformer, conformer_inputs,
+         (2, 20), (3, 31)),
 ]
 
 
-# --- custom modules written with functional ops ---------------------------------------------------
-
-class FunctionalConvNet(nn.Module):
-    """No nn.Linear / nn.Conv2d submodules: F.conv2d, F.linear and ``@`` on bare parameters."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.stem = nn.Parameter(torch.randn(16, 3, 3, 3) * 0.2)
-        self.pointwise = nn.Parameter(torch.randn(24, 16, 1, 1) * 0.25)
-        self.fc_weight = nn.Parameter(torch.randn(32, 24) * 0.2)
-        self.fc_bias = nn.Parameter(torch.zeros(32))
-        self.mix = nn.Parameter(torch.randn(32, 32) * 0.2)
-        self.head = nn.Parameter(torch.randn(7, 32) * 0.2)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.relu(F.conv2d(x, self.stem, padding=1))
-        x = F.relu(F.conv2d(x, self.pointwise))
-        h = F.gelu(F.linear(x.mean(dim=(2, 3)), self.fc_weight, self.fc_bias))
-        return F.linear(torch.tanh(h @ self.mix), self.head)
-
-
-class SDPABlock(nn.Module):
-    def __init__(self, dim: int = 32, heads: int = 4) -> None:
-        super().__init__()
-        self.heads = heads
-        self.norm = nn.LayerNorm(dim)
-        self.qkv = nn.Linear(dim, 3 * dim)
-        self.out = nn.Linear(dim, dim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, t, d = x.shape
-        q, k, v = self.qkv(self.norm(x)).view(b, t, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        return x + self.out(y.transpose(1, 2).reshape(b, t, d))
-
-
-class FunctionalSDPA(nn.Module):
-    """Features in, a causal F.scaled_dot_product_attention transformer, features out."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.embed = nn.Linear(8, 32)
-        self.blocks = nn.Sequential(SDPABlock(), SDPABlock())
-        self.head = nn.Linear(32, 5)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.blocks(self.embed(x)))
-
+# --- custom modules written with functional ops (FunctionalConvNet, FunctionalSDPA: the shared zoo's) ----
 
 class FunctionalTokens(nn.Module):
     """Token ids in; F.embedding, F.linear and attention written out as matmul / softmax / matmul,

@@ -1,4 +1,5 @@
-"""Helpers shared by the robustness tests: a tiny model, an adapter of it on disk, and before/after snapshots.
+"""Helpers shared by the robustness tests: a tiny model (the tiny_classifier example, loaded through the shared
+zoo, tests/model_zoo.py), an adapter of it on disk, and before/after snapshots.
 
 A snapshot is everything an entry point could change: every tensor of the model's state dict (and
 whether it requires grad, the module tree, each module's train/eval mode), and every file under a folder, byte for byte.
@@ -6,27 +7,16 @@ whether it requires grad, the module tree, each module's train/eval mode), and e
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
 
 import torch
+from model_zoo import EXAMPLES, load_example
 from torch import nn
 
 ROOT = Path(__file__).resolve().parents[2]
-EXAMPLES = ROOT / "examples"
 TINY = EXAMPLES / "tiny_classifier.py"
 
-
-def _load_example():
-    spec = importlib.util.spec_from_file_location("tiny_classifier_for_robustness", TINY)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-M = _load_example()
-sys.modules.setdefault("tiny_classifier_for_robustness", M)
+M = load_example("tiny_classifier", "tiny_classifier_for_robustness", register=True)
 
 
 def model_snapshot(module: nn.Module) -> dict:

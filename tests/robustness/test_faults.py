@@ -67,6 +67,7 @@ def _kill_during_a_checkpoint_write(script: Path, init: Path, out: Path) -> bool
     return bool(_temp_checkpoints(out))
 
 
+@pytest.mark.integration
 def test_training_killed_mid_checkpoint_resumes_from_the_last_complete_one(tmp_path):
     from adaptc.train_state import checkpoint_dir, load_state
 
@@ -133,6 +134,7 @@ adaptc.export_onnx(am, sys.argv[1])
 """
 
 
+@pytest.mark.integration
 def test_export_killed_midway_leaves_the_target_as_it_was(tmp_path):
     target = tmp_path / "model.onnx"
     target.write_bytes(b"the model exported yesterday")

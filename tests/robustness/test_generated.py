@@ -13,7 +13,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import re
 
 import pytest
@@ -21,7 +20,8 @@ import torch
 from adaptc.passes.selection import compile_selector, select
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from robust_helpers import ROOT, TINY, M, assert_model_unchanged, model_snapshot
+from model_zoo import load_example
+from robust_helpers import TINY, M, assert_model_unchanged, model_snapshot
 
 import adaptc
 from adaptc.cli import main
@@ -82,9 +82,7 @@ def test_generated_lora_injects_or_leaves_the_model_unchanged(options, mlp_input
 # --- selectors against a real model's sites ----------------------------------------------------
 
 def _gpt2_sites():
-    spec = importlib.util.spec_from_file_location("tiny_gpt2_for_selectors", ROOT / "examples" / "tiny_gpt2.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_example("tiny_gpt2", "tiny_gpt2_for_selectors")
     return adaptc.inspect_sites(module.build_model(), module.example_inputs())
 
 
