@@ -1,0 +1,52 @@
+"""``am.generate`` on every causal-LM family users fine-tune: the adapted tokens, never the base model's.
+
+The reference is the merged model's own ``generate`` (transformers' code, with its KV cache).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers as T
+
+import adaptc
+
+pytestmark = [pytest.mark.slow, pytest.mark.integration]
+
+_COMMON = dict(vocab_size=96, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128)
+FAMILIES = {
+    "gpt2": lambda: T.GPT2LMHeadModel(T.GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=96,
+                                                   tie_word_embeddings=False)),
+    "llama": lambda: T.LlamaForCausalLM(T.LlamaConfig(num_key_value_heads=2, **_COMMON)),
+    "mistral": lambda: T.MistralForCausalLM(T.MistralConfig(num_key_value_heads=2, sliding_window=8, **_COMMON)),
+    "falcon": lambda: T.FalconForCausalLM(T.FalconConfig(vocab_size=96, hidden_size=64, num_hidden_layers=2,
+                                                         num_attention_heads=4, new_decoder_architecture=True,
+                                                         num_kv_heads=2)),
+    "falcon-old": lambda: T.FalconForCausalLM(T.FalconConfig(vocab_size=96, hidden_size=64, num_hidden_layers=2,
+                                                             num_attention_heads=4, multi_query=True,
+                                                             parallel_attn=True, new_decoder_architecture=False)),
+    "mpt": lambda: T.MptForCausalLM(T.MptConfig(vocab_size=96, d_model=64, n_layers=2, n_heads=4, expansion_ratio=2)),
+    "gpt-neox": lambda: T.GPTNeoXForCausalLM(T.GPTNeoXConfig(**_COMMON)),
+    "gemma2": lambda: T.Gemma2ForCausalLM(T.Gemma2Config(num_key_value_heads=2, head_dim=16, **_COMMON)),
+    "phi3": lambda: T.Phi3ForCausalLM(T.Phi3Config(num_key_value_heads=2, pad_token_id=0, **_COMMON)),
+    "qwen3": lambda: T.Qwen3ForCausalLM(T.Qwen3Config(num_key_value_heads=2, head_dim=16, **_COMMON)),
+    "mixtral": lambda: T.MixtralForCausalLM(T.MixtralConfig(num_key_value_heads=2, num_local_experts=4,
+                                                            num_experts_per_tok=2, **_COMMON)),
+}
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_generate_equals_the_merged_model_and_not_the_base(family):
+    model = FAMILIES[family]().eval()
+    ids = torch.randint(3, 90, (2, 10))
+    am = adaptc.inject(model, "lora", example_inputs={"input_ids": ids[:, :6]}, r=4)
+    with torch.no_grad():
+        for name, p in am.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.3)
+    options = dict(max_new_tokens=8, do_sample=False, pad_token_id=0)
+    got = am.generate(input_ids=ids, **options)
+    with am.disable_adapters():
+        base = am.generate(input_ids=ids, **options)
+    assert torch.equal(got, am.merge().generate(input_ids=ids, **options))
+    assert not torch.equal(got, base)
