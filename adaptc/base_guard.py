@@ -35,7 +35,8 @@ class _BaseModules:
 
     def __init__(self, model: nn.Module, what: str, *, redirected: nn.Module | None = None) -> None:
         # ``redirected``: a module whose forward was routed through the adapters; calling it is fine.
-        self._ids = {id(m): name for name, m in model.named_modules() if m is not redirected}
+        self._model, self._redirected = model, redirected
+        self._ids: dict[int, str] | None = None  # built on the first module call: most methods run none
         self._what = what
         self._allowed = 0
 
@@ -50,6 +51,8 @@ class _BaseModules:
     def _check(self, module: nn.Module, _args: Any) -> None:
         if self._allowed:
             return
+        if self._ids is None:
+            self._ids = {id(m): name for name, m in self._model.named_modules() if m is not self._redirected}
         name = self._ids.get(id(module))
         if name is not None:
             where = f"its module {name!r}" if name else "its forward"

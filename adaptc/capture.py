@@ -321,7 +321,7 @@ def _graph_attributes(model: nn.Module, gm: torch.fx.GraphModule, prefix: str) -
     return attrs
 
 
-def _contiguous_inputs(_module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+def _contiguous_inputs(_module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
     return contiguous_call(args, kwargs)
 
 

@@ -124,11 +124,6 @@ def _read_json(path: Path) -> dict[str, Any]:
     return config
 
 
-def few(items: list[str], n: int = 4) -> str:
-    shown = ", ".join(items[:n])
-    return shown + (f" and {len(items) - n} more" if len(items) > n else "")
-
-
 def check_new_name(existing: Any, name: str) -> None:
     if not isinstance(name, str) or not name.isidentifier():
         raise ConfigError(f"adapter name must be an identifier such as 'default' or 'task_a', got {name!r}")

@@ -25,7 +25,7 @@ from typing import Any
 
 from . import api
 from .capture import capture
-from .cli_common import EXIT_FAILURE, EXIT_USAGE, CliError, Parser, build_from_file, few, one_line
+from .cli_common import EXIT_FAILURE, EXIT_USAGE, CliError, Parser, build_from_file, one_line
 from .cli_train import add_train_parser
 from .config import LORA_INITS, LoraConfig
 from .errors import AdaptcError
@@ -36,7 +36,7 @@ from .passes.lora import lora_param_count, rank_deficient, rank_error
 from .passes.quantize import make_quant_config, weight_bytes
 from .passes.selection import matches
 from .plot import sites_plot
-from .tables import in_out, number, table
+from .tables import few, in_out, number, table
 
 PROG = "adaptc"
 

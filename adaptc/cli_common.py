@@ -10,7 +10,7 @@ import re
 import sys
 import traceback
 import types
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -138,7 +138,3 @@ def one_line(message: str) -> str:
             out += " " if out[-1] in ".:;,!?" else "; "
         out += part
     return out
-
-
-def few(names: Sequence[str], n: int = 4) -> str:
-    return ", ".join(names[:n]) + (f" and {len(names) - n} more" if len(names) > n else "")

@@ -22,6 +22,7 @@ from torch import nn
 
 from .checkpoint import plan_load, read_checkpoint
 from .errors import CheckpointError, InputError
+from .methods.lora_checkpoint import copy_tensors
 from .model import AdaptedModel
 from .passes.sites import site_key
 from .signature import signature_class
@@ -66,12 +67,7 @@ def load_adapter_weights(am: Any, directory: str | os.PathLike, adapter_name: st
                     f"{directory}: {name}.{param} has shape {tuple(tensor.shape)}, the adapter "
                     f"{tuple(getattr(layer, param).shape)}; resume with the rank it was trained with"
                 )
-    with torch.no_grad():
-        for name, plan in plans.items():
-            layer = layers[site_key(name)]
-            for param, tensor in plan.tensors.items():
-                target = getattr(layer, param)
-                target.copy_(tensor.to(dtype=target.dtype, device=target.device))
+    copy_tensors(layers, plans)
 
 
 def _trainer_class() -> type:

@@ -69,8 +69,12 @@ def _densify(leaf: Any) -> Any:
     return leaf
 
 
-def contiguous_call(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-    """``args`` and ``kwargs`` with every tensor contiguous (a copy only where one is not)."""
+def contiguous_call(args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+    """``args`` and ``kwargs`` with every tensor contiguous, or None when they all are already (the
+    common case on every call: nothing is rebuilt)."""
+    leaves = pytree.tree_leaves((args, kwargs))
+    if all(leaf.is_contiguous() for leaf in leaves if isinstance(leaf, torch.Tensor)):
+        return None
 
     def fix(leaf: Any) -> Any:
         return leaf.contiguous() if isinstance(leaf, torch.Tensor) else leaf

@@ -6,7 +6,7 @@ import contextlib
 import functools
 import inspect
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,8 +23,6 @@ from .passes.manager import PassManager
 from .passes.weighted import add_weighted_adapter
 from .signature import signature_class
 from .targets import merge as merge_target
-
-AdapterPass = Callable[[CapturedGraphModule], None]
 
 
 @dataclass

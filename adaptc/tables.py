@@ -24,3 +24,8 @@ def in_out(site: Any) -> str:
 
 def number(value: int) -> str:
     return f"{value:,}"
+
+
+def few(names: Sequence[str], n: int = 4) -> str:
+    """The first ``n`` names, and how many more there are."""
+    return ", ".join(names[:n]) + (f" and {len(names) - n} more" if len(names) > n else "")

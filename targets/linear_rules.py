@@ -21,12 +21,13 @@ It leans on two onnxscript internals (``rewriter._DEFAULT_REWRITE_RULES`` and a 
 
 from __future__ import annotations
 
-import threading
+import contextlib
 from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 
 import onnx_ir as ir
+
+from .global_swap import SharedSwap
 
 
 class _Neighbourhood:
@@ -95,27 +96,18 @@ def _multi_output(rule: Any) -> bool:
     return pattern is not None and not pattern.has_single_output_node
 
 
-_swap_lock = threading.Lock()
-_swap = {"depth": 0, "original": None}  # how many blocks are open, and the rules they replaced
+def _rewriter_module() -> Any:
+    from onnxscript import rewriter
+
+    return rewriter
 
 
-@contextmanager
-def prefiltered_default_rules() -> Iterator[None]:
+_swap = SharedSwap(_rewriter_module, "_DEFAULT_REWRITE_RULES", prefilter)
+
+
+def prefiltered_default_rules() -> contextlib.AbstractContextManager[None]:
     """Within the block, ``onnxscript.optimizer.optimize`` (which reads ``rewriter._DEFAULT_REWRITE_RULES``
     when called) runs the prefiltered rules. The rules are a module global: blocks may nest or overlap
     across threads; the first to open swaps them in, the last to close puts the originals back."""
-    from onnxscript import rewriter
+    return _swap.applied()
 
-    with _swap_lock:
-        if _swap["depth"] == 0:
-            _swap["original"] = getattr(rewriter, "_DEFAULT_REWRITE_RULES", None)
-            if _swap["original"] is not None:  # None: another onnxscript, nothing to wrap
-                rewriter._DEFAULT_REWRITE_RULES = prefilter(_swap["original"])
-        _swap["depth"] += 1
-    try:
-        yield
-    finally:
-        with _swap_lock:
-            _swap["depth"] -= 1
-            if _swap["depth"] == 0 and _swap["original"] is not None:
-                rewriter._DEFAULT_REWRITE_RULES = _swap["original"]

@@ -18,12 +18,12 @@ nothing.
 
 from __future__ import annotations
 
-import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
+import contextlib
 from typing import Any
 
 import onnx_ir as ir
+
+from .global_swap import SharedSwap
 
 
 def _true_bias(bias: ir.Value | None, size: Any, dtype: Any) -> bool:
@@ -67,32 +67,18 @@ def _fuse_true_bias_mha() -> Any:
     return None if rule_class is None else _fusion_utils.apply_fusion_rules(pattern.RewriteRuleSet([rule_class.rule()]))
 
 
-_swap_lock = threading.Lock()
-_swap: dict[str, Any] = {"depth": 0, "original": None}
-
-
-@contextmanager
-def true_bias_mha() -> Iterator[None]:
-    """Within the block, ``optimize_for_ort`` fuses attention biases with :class:`TrueBiasMHA`. The function
-    is a module global: blocks may nest or overlap across threads; the first to open swaps it in, the last
-    to close puts the original back."""
+def _fusion_module() -> Any:
     try:
         from onnxscript.rewriter.ort_fusions import _core
     except ImportError:
-        _core = None
+        return None
+    return _core
 
-    with _swap_lock:
-        if _swap["depth"] == 0 and _core is not None and hasattr(_core, "fuse_mha_bias"):
-            guarded = _fuse_true_bias_mha()
-            if guarded is not None:
-                _swap["original"] = _core.fuse_mha_bias
-                _core.fuse_mha_bias = guarded
-        _swap["depth"] += 1
-    try:
-        yield
-    finally:
-        with _swap_lock:
-            _swap["depth"] -= 1
-            if _swap["depth"] == 0 and _swap["original"] is not None:
-                _core.fuse_mha_bias = _swap["original"]
-                _swap["original"] = None
+
+_swap = SharedSwap(_fusion_module, "fuse_mha_bias", lambda _original: _fuse_true_bias_mha())
+
+
+def true_bias_mha() -> contextlib.AbstractContextManager[None]:
+    """Within the block, ``optimize_for_ort`` fuses attention biases with :class:`TrueBiasMHA` (it may
+    nest or overlap across threads: see :mod:`adaptc.targets.global_swap`)."""
+    return _swap.applied()

@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from adaptc.checkpoint_files import Checkpoint, few, warn_user
+from adaptc.checkpoint_files import Checkpoint
 from adaptc.config import LoraConfig
 from adaptc.errors import AdaptcError, CheckpointError
 from adaptc.passes.lora import RankDeficientWarning
@@ -31,6 +31,8 @@ from adaptc.peft_format import (
     residual_init,
     to_peft,
 )
+from adaptc.tables import few
+from adaptc.warn import warn_user
 
 
 def save(am: Any, name: str) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
@@ -263,9 +265,14 @@ def load(am: Any, ckpt: Checkpoint, adapter_name: str) -> None:
     if set(layers) != {site_key(name) for name in plans}:  # cannot happen if plan_load and select agree
         am.delete_adapter(adapter_name)
         raise CheckpointError(f"internal error: {config} did not select the checkpoint's sites; nothing was loaded")
-    with torch.no_grad():
-        for name, plan in plans.items():
-            layer = layers[site_key(name)]
-            for param, tensor in plan.tensors.items():
-                target = getattr(layer, param)
-                target.copy_(tensor.to(dtype=target.dtype, device=target.device))
+    copy_tensors(layers, plans)
+
+
+@torch.no_grad()
+def copy_tensors(layers: Any, plans: dict[str, _SitePlan]) -> None:
+    """Write each plan's tensors into its site's layer (in the layer's dtype and device)."""
+    for name, plan in plans.items():
+        layer = layers[site_key(name)]
+        for param, tensor in plan.tensors.items():
+            target = getattr(layer, param)
+            target.copy_(tensor.to(dtype=target.dtype, device=target.device))
