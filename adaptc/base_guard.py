@@ -7,9 +7,9 @@ wav2vec2's ``extract_features``) would compute the *unadapted* model, silently. 
 - :func:`guarded`: the base model's bound method, wrapped so that any of the base model's modules
   running inside it while adapters apply raises :class:`AdaptcError` naming the call.
 - :func:`generate`: transformers' ``generate`` (its whole GenerationConfig: sampling, beams, stopping
-  criteria, streamers) with every model call routed through the adapted graphs. No key/value cache:
-  each step runs the whole sequence through the adapted model (prompt and prefix methods edit what
-  a cache would hold), so generating costs quadratic time in the length.
+  criteria, streamers) with every model call routed through the adapted graphs, keeping
+  transformers' key/value cache (:mod:`adaptc.cached_generation`); where a cache cannot be kept,
+  each step runs the whole sequence (quadratic time in the length).
 """
 
 from __future__ import annotations
@@ -23,11 +23,14 @@ from typing import Any
 import torch
 from torch import nn
 
+from . import cached_generation
 from .errors import AdaptcError
 
 # Generation keywords the adapted graphs do not take: the cache is off, and the graphs return every
 # position's logits (generate reads the last) in the model's own output structure.
 _STEP_KEYWORDS_DROPPED = ("cache", "past_key_values", "use_cache", "return_dict", "cache_position", "logits_to_keep")
+# With the cache: the graphs return the model's output structure and compute the positions themselves.
+_STEP_KEYWORDS_DROPPED_CACHED = ("use_cache", "return_dict", "cache_position")
 
 
 class _BaseModules:
@@ -86,7 +89,8 @@ def guarded(method: Callable, name: str, adapters_apply: Callable[[], bool], bas
 
 
 def generate(am: Any, *args: Any, **kwargs: Any) -> Any:
-    """``base_model.generate(*args, **kwargs)`` with each model call running the adapted graphs."""
+    """``base_model.generate(*args, **kwargs)`` with each model call running the adapted graphs,
+    with transformers' key/value cache where :func:`cached_generation.cache_blocker` allows."""
     base = am.base_model
     if not callable(getattr(base, "generate", None)):
         raise AdaptcError(
@@ -98,26 +102,28 @@ def generate(am: Any, *args: Any, **kwargs: Any) -> Any:
             f"am.generate() runs decoder-only models; {type(base).__name__} is an encoder-decoder model, whose "
             "generate() calls its encoder directly. Merge LoRA adapters (am.merge()) and call generate() on that model"
         )
-    if kwargs.get("past_key_values") is not None or kwargs.get("cache") is not None:
-        raise AdaptcError("am.generate() keeps no key/value cache: pass no past_key_values / cache")
-    kwargs["use_cache"] = False
+    if any(kwargs.get(name) is not None for name in ("cache", "past_key_values")):
+        raise AdaptcError("am.generate() keeps its own key/value cache: pass no cache / past_key_values")
+    blocker = "use_cache=False" if kwargs.get("use_cache") is False else \
+        cached_generation.cache_blocker(am, _generation_length(base, args, kwargs))
+    steps = cached_generation.CachedSteps(am) if blocker is None else None
+    if steps is None:
+        kwargs["use_cache"] = False
     watch = _BaseModules(base, "am.generate()", redirected=base)
     signature = inspect.signature(base.forward)
+    dropped = _STEP_KEYWORDS_DROPPED if steps is None else _STEP_KEYWORDS_DROPPED_CACHED
 
     def step(*step_args: Any, **step_kwargs: Any) -> Any:
         bound = signature.bind_partial(*step_args, **step_kwargs).arguments
         extra = bound.pop("kwargs", None) or {}  # a **kwargs parameter collects the rest
         inputs = {**bound, **extra}
-        if inputs.get("cache") is not None or inputs.get("past_key_values") is not None:
-            raise AdaptcError("am.generate() got a key/value cache from transformers; it runs without one")
-        inputs = {
-            k: v for k, v in inputs.items()
-            if k not in _STEP_KEYWORDS_DROPPED and v is not None and v is not False
-        }
+        if steps is None and (inputs.get("cache") is not None or inputs.get("past_key_values") is not None):
+            raise AdaptcError("am.generate() got a key/value cache from transformers; it runs without one here")
+        inputs = {k: v for k, v in inputs.items() if k not in dropped and v is not None and v is not False}
         del base.forward  # the class's forward again while the adapted graphs run (and capture)
         try:
             with watch.allowed():
-                return am(**inputs)
+                return am(**inputs) if steps is None else steps(inputs)
         finally:
             base.forward = step
 
@@ -128,3 +134,14 @@ def generate(am: Any, *args: Any, **kwargs: Any) -> Any:
             return base.generate(*args, **kwargs)
     finally:
         base.__dict__.pop("forward", None)
+
+
+def _generation_length(base: nn.Module, args: tuple, kwargs: dict) -> int | None:
+    """Prompt plus new tokens of a generate call, when its arguments say (else None)."""
+    ids = kwargs.get("input_ids", args[0] if args and isinstance(args[0], torch.Tensor) else None)
+    config = kwargs.get("generation_config") or getattr(base, "generation_config", None)
+    new = kwargs.get("max_new_tokens", getattr(config, "max_new_tokens", None) if "max_length" not in kwargs else None)
+    if isinstance(ids, torch.Tensor) and isinstance(new, int):
+        return ids.shape[-1] + new
+    total = kwargs.get("max_length", getattr(config, "max_length", None))
+    return total if isinstance(total, int) else None

@@ -30,7 +30,7 @@ from torch.utils import _pytree as pytree
 
 from . import rewrites
 from .errors import CaptureError, InputError
-from .inputs import Inputs, check_has_tensor, contiguous_call, normalize_inputs
+from .inputs import Inputs, check_has_tensor, contiguous_call, foreign_container, normalize_inputs
 
 GraphHook = Callable[["CapturedGraphModule"], None]
 
@@ -69,13 +69,24 @@ def _dynamic_shapes(model: nn.Module, inputs: Inputs) -> Any:
     fixed = fixed_image_size(model)
 
     def dims(value: Any) -> Any:
+        if foreign_container(value):
+            # Another library's registered container (transformers' DynamicCache): torch.export wants
+            # the list of its children's shapes. Its 4-D tensors are not images (a cache's
+            # [batch, heads, sequence, head_dim]): every axis is left to export.
+            children, _context = pytree.SUPPORTED_NODES[type(value)].flatten_fn(value)
+            return [_map_shapes(auto_dims, child) for child in children]
         return auto_dims(value, fixed)
 
     try:
         bound = inspect.signature(model.forward).bind(*inputs.args, **inputs.kwargs)
     except (TypeError, ValueError):
-        return pytree.tree_map(dims, (inputs.args, inputs.kwargs))
-    return {name: pytree.tree_map(dims, value) for name, value in bound.arguments.items()}
+        return _map_shapes(dims, (inputs.args, inputs.kwargs))
+    return {name: _map_shapes(dims, value) for name, value in bound.arguments.items()}
+
+
+def _map_shapes(dims: Callable[[Any], Any], value: Any) -> Any:
+    """``dims`` over the leaves of ``value``, stopping at containers that are not built in."""
+    return pytree.tree_map(dims, value, is_leaf=foreign_container)
 
 
 _NOISY_LOGGERS = ("torch.fx.experimental.symbolic_shapes", "torch.export", "torch._export", "torch._dynamo")
@@ -242,10 +253,10 @@ def capture_graph(model: nn.Module, inputs: Inputs, training: bool) -> tuple[tor
     failures = []
     for how, attempt in (
         # An eager call first: export and fx can accept inputs the model rejects (dtype mismatches).
-        ("check-eager", lambda: _check_runs_eagerly(model, inputs)),
-        ("export", lambda: _export(model, inputs, training, dynamic=True)),
-        ("export-static", lambda: _export(model, inputs, training, dynamic=False)),
-        ("fx", lambda: _fx_trace(model, inputs, training)),
+        ("check-eager", lambda: _check_runs_eagerly(model, inputs.rebuilt())),
+        ("export", lambda: _export(model, inputs.rebuilt(), training, dynamic=True)),
+        ("export-static", lambda: _export(model, inputs.rebuilt(), training, dynamic=False)),
+        ("fx", lambda: _fx_trace(model, inputs.rebuilt(), training)),
     ):
         try:
             with _quiet_torch_logs():

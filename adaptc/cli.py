@@ -26,6 +26,7 @@ from typing import Any
 from . import api
 from .capture import capture
 from .cli_common import EXIT_FAILURE, EXIT_USAGE, CliError, Parser, build_from_file, one_line
+from .cli_generate import add_generate_parser
 from .cli_train import add_train_parser
 from .config import LORA_INITS, LoraConfig
 from .errors import AdaptcError
@@ -199,6 +200,7 @@ examples (model file to ONNX Runtime):
   adaptc inject  examples/text_classification.py --method lora --r 8 -o out/
   adaptc train   examples/text_classification.py --adapter out/ --steps 20 --lr 2e-3
   adaptc export  examples/text_classification.py --adapter out/best -o model.onnx
+  adaptc generate examples/tiny_gpt2.py --prompt "the cat sat on" --max-new-tokens 8
 
 `adaptc COMMAND --help` shows each command's options and examples.
 """
@@ -275,6 +277,7 @@ def build_parser() -> argparse.ArgumentParser:
     inject_p.set_defaults(func=cmd_inject)
     _add_export_parser(sub, common)
     add_train_parser(sub, common, Parser)
+    add_generate_parser(sub, common)
     return parser
 
 

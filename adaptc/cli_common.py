@@ -10,7 +10,7 @@ import re
 import sys
 import traceback
 import types
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -111,10 +111,18 @@ def build_from_file(path_arg: str) -> tuple[nn.Module, Any]:
     return model, inputs
 
 
-def build_module_from_file(path_arg: str) -> tuple[types.ModuleType, nn.Module, Any]:
-    """The imported model file, ``build_model()`` and ``example_inputs()``."""
+def build_module_from_file(
+    path_arg: str, before_build: Callable[[types.ModuleType], None] | None = None
+) -> tuple[types.ModuleType, nn.Module, Any]:
+    """The imported model file, ``build_model()`` and ``example_inputs()``.
+
+    ``before_build(module)`` runs once the file is imported, before ``build_model()``: a command's
+    checks of what else the file must define fail there, before the (slow) model is built.
+    """
     with _importable_from(Path(path_arg).expanduser().resolve().parent):
         module = load_model_file(path_arg)
+        if before_build is not None:
+            before_build(module)
         model = _call(module, path_arg, "build_model", "that returns the torch.nn.Module to adapt")
         if not isinstance(model, nn.Module):
             raise CliError(

@@ -46,6 +46,13 @@ class Inputs:
         args, kwargs = pytree.tree_unflatten([_densify(leaf) for leaf in leaves], spec)
         return Inputs(tuple(args), dict(kwargs))
 
+    def rebuilt(self) -> Inputs:
+        """The same tensors in new containers. A model may update a container it is given in place
+        (transformers' caches grow by the new keys and values); each capture traces fresh ones."""
+        leaves, spec = pytree.tree_flatten((self.args, self.kwargs))
+        args, kwargs = pytree.tree_unflatten(leaves, spec)
+        return Inputs(tuple(args), dict(kwargs))
+
     def structure_key(self) -> tuple:
         """What a captured graph is specialised on: nesting, tensor dtypes and ranks, other values."""
         ordered = Inputs(self.args, dict(sorted(self.kwargs.items())))
@@ -56,6 +63,13 @@ class Inputs:
         parts = [_describe_leaf(a) for a in self.args]
         parts += [f"{k}={_describe_leaf(v)}" for k, v in self.kwargs.items()]
         return "(" + ", ".join(parts) + ")"
+
+
+def foreign_container(value: Any) -> bool:
+    """Whether ``value`` is another library's container registered with torch's pytree (transformers'
+    ``DynamicCache`` once generation registered it): its tensors are not laid out like the model's
+    inputs and outputs, so code that walks those stops at it."""
+    return type(value) in pytree.SUPPORTED_NODES and not isinstance(value, (list, tuple, dict))
 
 
 def is_dense(tensor: torch.Tensor) -> bool:

@@ -12,7 +12,7 @@ from typing import Any
 
 from torch import nn
 
-from . import base_guard
+from . import base_guard, mixed_batch
 from .capture import CapturedGraphModule
 from .checkpoint import load_into, save_adapter
 from .checkpoint_files import check_new_name
@@ -286,6 +286,21 @@ class AdaptedModel(nn.Module):
         return tuple(n for n, r in self._records.items()
                      if r.edit is not None and n in self._active and n not in self._edits_disabled)
 
+    def edits_in_force_records(self) -> list[Adapter]:
+        """The adapters whose capture-time edits apply to the next call."""
+        return [self._records[name] for name in self._edits_in_force()]
+
+    @contextlib.contextmanager
+    def edits_suspended(self, names: list[str]) -> Iterator[None]:
+        """Within the block, calls run without these adapters' capture-time edits (their other
+        parts still apply): a cached generation step after the prompt's virtual tokens."""
+        saved = set(self._edits_disabled)
+        self._edits_disabled |= set(names)
+        try:
+            yield
+        finally:
+            self._edits_disabled = saved
+
     @contextlib.contextmanager
     def _capture_context(self, edits: tuple[str, ...]) -> Iterator[None]:
         """Around a capture: the adapters reachable from the model (the edits' hooks read their
@@ -324,6 +339,9 @@ class AdaptedModel(nn.Module):
         return self._example_inputs
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
+        adapter_names = kwargs.pop("adapter_names", None)  # PEFT's: one adapter per row (adaptc/mixed_batch.py)
+        if adapter_names is not None:
+            return self._mixed_forward(adapter_names, args, kwargs)
         return self.graph_for(Inputs(args, kwargs))(*args, **kwargs)
 
     def _apply(self, fn, recurse=True):
@@ -384,6 +402,11 @@ class AdaptedModel(nn.Module):
 
     def extra_repr(self) -> str:
         return f"adapters={list(self.adapters)}, active={self._active}"
+
+    def _mixed_forward(self, adapter_names: list[str], args: tuple, kwargs: dict) -> Any:
+        """One call of one graph in which row ``i`` uses adapter ``adapter_names[i]`` ("__base__": none)."""
+        with mixed_batch.rows_applied(self, adapter_names, mixed_batch.batch_size_of(args, kwargs)):
+            return self.graph_for(Inputs(args, kwargs))(*args, **kwargs)
 
 
 def _sequence_methods() -> list[str]:

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from adaptc.config import LoraConfig
-from adaptc.errors import ConfigError
+from adaptc.errors import ConfigError, InputError
 from adaptc.warn import warn_user
 
 from .sites import Site
@@ -89,8 +89,50 @@ def rank_error(site: Site, r: int, init: str = "default") -> str | None:
     return None
 
 
+class LoraRows:
+    """The rows of a mixed batch (``adapter_names``) one adapter applies to, for its LoraLayers.
+
+    ``positions`` are row numbers among the batch's ``count`` rows (adaptc/mixed_batch.py makes them).
+    A site's input may hold more rows than that along its first axis: generate's beams and
+    ``num_return_sequences`` repeat each row k times consecutively, and a flattened
+    ``[batch * tokens, features]`` input (GPT-2's Conv1D) holds each row's tokens consecutively.
+    Either way row i owns the i-th of ``count`` equal blocks, so :meth:`index` expands the positions
+    to them. The index tensors are made once per leading size and device.
+    """
+
+    def __init__(self, positions: list[int], count: int) -> None:
+        self.positions = list(positions)
+        self.count = count
+        self._index: dict[tuple[int, torch.device], torch.Tensor] = {}
+
+    def index(self, rows: int, device: torch.device) -> torch.Tensor:
+        """The indices along the first axis, of ``rows``, that this adapter's rows own (a LongTensor on ``device``)."""
+        key = (rows, device)
+        found = self._index.get(key)
+        if found is None:
+            if rows % self.count:
+                raise InputError(
+                    f"adapter_names gives {self.count} rows, but an adapted op's input has {rows} along its first "
+                    "axis, not a multiple of them: a mixed batch needs the batch on the first axis of every "
+                    "adapted op (a model that puts the sequence first cannot take adapter_names)"
+                )
+            block = rows // self.count
+            found = torch.tensor(self.positions, dtype=torch.long, device=device)
+            if block > 1:
+                found = (found[:, None] * block + torch.arange(block, device=device)).reshape(-1)
+            self._index[key] = found
+        return found
+
+    def __repr__(self) -> str:
+        return f"LoraRows({self.positions} of {self.count})"
+
+
 class LoraLayer(nn.Module):
     """Adapter parameters of one site and the computation that applies them."""
+
+    # A mixed batch (adaptc/mixed_batch.py) sets this for the length of a call: the update then goes
+    # to those rows only. A class attribute too, so that layers pickled before it existed still run.
+    _rows: LoraRows | None = None
 
     def __init__(self, site: Site, r: int, alpha: float, dropout: float, rslora: bool, use_dora: bool) -> None:
         super().__init__()
@@ -101,6 +143,7 @@ class LoraLayer(nn.Module):
         self.fan_in_fan_out = site.fan_in_fan_out
         self.use_dora = use_dora
         self.active = True  # switched by AdaptedModel.set_adapter / disable_adapters
+        self._rows = None
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.conv = dict(site.conv) if site.conv else None
         self.weight_shape = site.weight_shape
@@ -206,6 +249,13 @@ class LoraLayer(nn.Module):
     ) -> torch.Tensor:
         if not self.active:  # an inactive adapter (set_adapter, disable_adapters) leaves the op as it was
             return base
+        if self._rows is not None:  # a mixed batch: this adapter's rows only
+            return self._rows_forward(x, base, weight, bias)
+        return self._adapted(x, base, weight, bias)
+
+    def _adapted(
+        self, x: torch.Tensor, base: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
+    ) -> torch.Tensor:
         if self.kind == "embedding":
             hidden = F.embedding(x, self.lora_embedding_A.T)
             return base + (hidden @ self.lora_embedding_B.T * self.scaling).to(base.dtype)
@@ -214,6 +264,17 @@ class LoraLayer(nn.Module):
         if not self.use_dora:
             return base + delta.to(base.dtype)
         return self._dora(dropped, base, weight, bias, delta)
+
+    def _rows_forward(
+        self, x: torch.Tensor, base: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
+    ) -> torch.Tensor:
+        """The update on this adapter's rows of the batch (first axis), the other rows as ``base``.
+
+        A new tensor: ``base`` may be read elsewhere (the next adapter's rows start from it).
+        """
+        index = self._rows.index(base.shape[0], base.device)
+        picked = self._adapted(x.index_select(0, index), base.index_select(0, index), weight, bias)
+        return base.index_copy(0, index, picked)
 
     def _adapter_dtype(self) -> torch.dtype:
         return (self.lora_A if self.kind != "embedding" else self.lora_embedding_A).dtype

@@ -168,9 +168,12 @@ class LoraSiblings(nn.Module):
         if torch.compiler.is_exporting():  # exported (ONNX): the plain per-site graph
             bases = self._bases(x, bases, weights, biases)
             return tuple(layer(x, base, None) for layer, base in zip(layers, bases))
-        if not layers[0].active:
-            return self._bases(x, bases, weights, biases)
         first = layers[0]
+        if not first.active:
+            return self._bases(x, bases, weights, biases)
+        if first._rows is not None:  # a mixed batch (adapter_names): each site's layer takes its rows
+            bases = self._bases(x, bases, weights, biases)
+            return tuple(layer(x, *ops) for layer, *ops in zip(layers, bases, weights, biases))
         dtype = first.lora_A.dtype
         x2d = x.reshape(-1, x.shape[-1]).to(dtype)
         p = first.dropout.p if isinstance(first.dropout, nn.Dropout) and first.training else 0.0

@@ -164,6 +164,9 @@ class PositionShift:
     """Real tokens' position ids start after the prefix (PEFT's semantics, from its KV cache):
     a model whose ``forward`` takes ``position_ids`` gets ``P .. P+S-1`` (or the caller's + P)."""
 
+    # Generation with a key/value cache applies this edit at every step (it adds no tokens).
+    prefill_tokens = 0
+
     def __init__(self, tokens: int) -> None:
         self.tokens = tokens
 
@@ -186,7 +189,8 @@ class PositionShift:
             if not isinstance(ids, torch.Tensor):
                 return None
             length = ids.shape[1]
-            positions = torch.arange(self.tokens, self.tokens + length, device=ids.device).unsqueeze(0)
+            start = self.tokens + _cached_length(bound.arguments)  # a generation step after the cached ones
+            positions = torch.arange(start, start + length, device=ids.device).unsqueeze(0)
             bound.arguments["position_ids"] = positions.expand(ids.shape[0], length)
             return bound.args, bound.kwargs
 
@@ -195,3 +199,11 @@ class PositionShift:
             yield
         finally:
             handle.remove()
+
+
+def _cached_length(arguments: dict[str, Any]) -> Any:
+    """How many tokens the key/value cache passed to this call holds (0 without one)."""
+    cache = arguments.get("cache", arguments.get("past_key_values"))
+    if cache is None or not hasattr(cache, "get_seq_length"):
+        return 0
+    return cache.get_seq_length()

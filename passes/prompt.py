@@ -30,6 +30,7 @@ from torch.utils import _pytree as pytree
 
 from adaptc.config import PromptConfig, PTuningConfig
 from adaptc.errors import ConfigError, InputError
+from adaptc.inputs import foreign_container
 
 from .sequence import SequenceEntry
 
@@ -121,6 +122,12 @@ class SequenceEdit:
 
     def __init__(self, adapter: PromptAdapter) -> None:
         self.adapter = adapter
+
+    @property
+    def prefill_tokens(self) -> int | None:
+        """Tokens this edit adds to a text model's first generation step (the cache holds them after
+        it, so later steps run without the edit); None where generation cannot keep a cache."""
+        return self.adapter.num_virtual_tokens if self.adapter.entry.kind == "token-embedding" else None
 
     @contextlib.contextmanager
     def applied(self, model: nn.Module) -> Iterator[None]:
@@ -325,7 +332,10 @@ def _map_output(fn, out: Any) -> Any:
         for key in list(out.keys()):
             out[key] = _map_output(fn, out[key])
         return out
-    return pytree.tree_map(lambda leaf: fn(leaf) if isinstance(leaf, torch.Tensor) else leaf, out)
+    # Another library's registered container (a key/value cache) is left whole: its tensors are not
+    # laid out [batch, sequence, ...] and must keep every position.
+    return pytree.tree_map(lambda leaf: fn(leaf) if isinstance(leaf, torch.Tensor) else leaf, out,
+                           is_leaf=foreign_container)
 
 
 def _attribute(root: nn.Module, dotted: str) -> object:

@@ -1,9 +1,14 @@
 """``am.generate`` on every causal-LM family users fine-tune: the adapted tokens, never the base model's.
 
 The reference is the merged model's own ``generate`` (transformers' code, with its KV cache).
+Every family generates with the key/value cache (steps after the first run one token), but two
+that recompute the sequence: Mistral with a sliding window shorter than the generation, and MPT,
+whose config says use_cache=False (transformers' own generate keeps no cache for it either).
 """
 
 from __future__ import annotations
+
+import contextlib
 
 import pytest
 import torch
@@ -13,12 +18,31 @@ import adaptc
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 
+
+@contextlib.contextmanager
+def step_lengths(am):
+    """The sequence length of every call generate makes to the adapted model."""
+    lengths = []
+    forward = am.forward
+
+    def recording(*args, **kwargs):
+        lengths.append(kwargs["input_ids"].shape[1])
+        return forward(*args, **kwargs)
+
+    am.forward = recording
+    try:
+        yield lengths
+    finally:
+        del am.forward
+
 _COMMON = dict(vocab_size=96, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128)
 FAMILIES = {
     "gpt2": lambda: T.GPT2LMHeadModel(T.GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=96,
                                                    tie_word_embeddings=False)),
     "llama": lambda: T.LlamaForCausalLM(T.LlamaConfig(num_key_value_heads=2, **_COMMON)),
-    "mistral": lambda: T.MistralForCausalLM(T.MistralConfig(num_key_value_heads=2, sliding_window=8, **_COMMON)),
+    "mistral": lambda: T.MistralForCausalLM(T.MistralConfig(num_key_value_heads=2, sliding_window=64, **_COMMON)),
+    "mistral-short-window": lambda: T.MistralForCausalLM(T.MistralConfig(num_key_value_heads=2, sliding_window=8,
+                                                                         **_COMMON)),
     "falcon": lambda: T.FalconForCausalLM(T.FalconConfig(vocab_size=96, hidden_size=64, num_hidden_layers=2,
                                                          num_attention_heads=4, new_decoder_architecture=True,
                                                          num_kv_heads=2)),
@@ -45,7 +69,11 @@ def test_generate_equals_the_merged_model_and_not_the_base(family):
             if "lora_B" in name:
                 p.normal_(0, 0.3)
     options = dict(max_new_tokens=8, do_sample=False, pad_token_id=0)
-    got = am.generate(input_ids=ids, **options)
+    with step_lengths(am) as lengths:
+        got = am.generate(input_ids=ids, **options)
+    assert lengths[0] == ids.shape[1]
+    cached = family not in ("mistral-short-window", "mpt")
+    assert set(lengths[1:]) == ({1} if cached else set(range(11, 18)))
     with am.disable_adapters():
         base = am.generate(input_ids=ids, **options)
     assert torch.equal(got, am.merge().generate(input_ids=ids, **options))

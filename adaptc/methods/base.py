@@ -12,6 +12,8 @@ an adapter has:
   ``"constants"`` (the adapter's layers become constants: ``layer.fold()``) or ``None`` (not mergeable);
 - ``unmerged_export``: whether ``export_onnx(merge=False)`` can keep it as ORT adapter inputs;
 - ``edits_sequence``: whether it changes the token sequence (one such adapter per model).
+- ``mixed_batch``: whether one batch can give each row its own adapter of this method
+  (``am(..., adapter_names=[...])``, adaptc/mixed_batch.py): its layers take ``_rows``.
 
 Users add their own with :func:`register_method` (docs/extending.md has a complete one).
 """
@@ -57,6 +59,7 @@ class Method:
     aliases: tuple[str, ...] = ()  # other names accepted by inject (PEFT's peft_type spellings)
     peft_types: tuple[str, ...] = ()  # the ``peft_type`` values of the checkpoints this method loads
     edits_sequence: bool = False
+    mixed_batch: bool = False  # per-row adapters in one batch (adapter_names): layers honour ``_rows``
     merge: str | None = None  # "weights", "constants" or None
     unmerged_export: bool = False
     site_table: bool = True  # `adaptc inspect` shows the table of sites (and --plot plots it)

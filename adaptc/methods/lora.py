@@ -47,6 +47,7 @@ class LoraMethod(Method):
     peft_types = ("LORA",)
     merge = "weights"
     unmerged_export = True
+    mixed_batch = True  # LoraLayer applies its update to the rows a mixed batch gives it
 
     def build(self, am: Any, adapter_name: str, config: LoraConfig) -> AdapterBuild:
         chosen = select(am.all_sites, config.targets, config.exclude, config.layers, config.layers_pattern)
