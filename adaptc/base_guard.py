@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import cached_generation
+from . import cached_generation, mixed_batch
 from .errors import AdaptcError
 
 # Generation keywords the adapted graphs do not take: the cache is off, and the graphs return every
@@ -102,6 +102,7 @@ def generate(am: Any, *args: Any, **kwargs: Any) -> Any:
             f"am.generate() runs decoder-only models; {type(base).__name__} is an encoder-decoder model, whose "
             "generate() calls its encoder directly. Merge LoRA adapters (am.merge()) and call generate() on that model"
         )
+    adapter_names = kwargs.pop("adapter_names", None)
     if any(kwargs.get(name) is not None for name in ("cache", "past_key_values")):
         raise AdaptcError("am.generate() keeps its own key/value cache: pass no cache / past_key_values")
     blocker = "use_cache=False" if kwargs.get("use_cache") is False else \
@@ -128,9 +129,11 @@ def generate(am: Any, *args: Any, **kwargs: Any) -> Any:
             base.forward = step
 
     step.__signature__ = signature  # generate reads the forward's parameters (position_ids, ...)
+    # PEFT's adapter_names: one adapter per prompt row, kept by the rows generate repeats (beams).
+    rows = mixed_batch.rows_applied(am, adapter_names) if adapter_names is not None else contextlib.nullcontext()
     base.forward = step
     try:
-        with watch.watching(), torch.no_grad():
+        with rows, watch.watching(), torch.no_grad():
             return base.generate(*args, **kwargs)
     finally:
         base.__dict__.pop("forward", None)
