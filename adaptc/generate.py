@@ -1,8 +1,8 @@
-"""Greedy generation for causal language models, adapted or not.
+"""Greedy generation for any causal language model, adapted or not, transformers or not.
 
-Each step runs the whole sequence again (no key/value cache): simple, and correct for every
-method, since prompt methods change what a cache would have to hold. Fine for short outputs;
-for long ones, merge LoRA adapters and use the model's own ``generate``.
+Each step runs the whole sequence again (no key/value cache: a model of your own has no cache
+layout adaptc could know), so time grows quadratically with the length. A transformers model
+generates with its cache through ``am.generate`` (:mod:`adaptc.cached_generation`).
 """
 
 from __future__ import annotations

@@ -244,10 +244,12 @@ class AdaptedModel(nn.Module):
 
     def generate(self, *args: Any, **kwargs: Any) -> Any:
         """transformers' ``generate`` (GenerationConfig: greedy, sampling, beams, stopping criteria,
-        streamers) for a decoder-only transformers model, every step through the adapted model.
+        streamers) for a decoder-only transformers model, every step through the adapted model,
+        with transformers' key/value cache where it can be kept (:mod:`adaptc.cached_generation`;
+        elsewhere each step runs the whole sequence).
 
-        No key/value cache yet: each step runs the whole sequence (see :mod:`adaptc.base_guard`).
-        For a causal LM not from transformers use :func:`adaptc.generate`.
+        ``adapter_names=[...]``: one LoRA adapter per prompt row ("__base__": none), as in PEFT.
+        For a causal LM not from transformers use :func:`adaptc.generate` (no cache).
         """
         return base_guard.generate(self, *args, **kwargs)
 
