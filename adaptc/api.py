@@ -15,6 +15,7 @@ from .inputs import Inputs, check_has_tensor, normalize_inputs
 from .methods import make_config
 from .model import AdaptedModel
 from .passes import quantize as quant
+from .passes.checkpoint import checkpoint_kwargs
 from .passes.sites import find_sites
 
 
@@ -25,6 +26,7 @@ def inject(
     example_inputs: Any = None,
     adapter_name: str = DEFAULT_ADAPTER,
     quantize: Any = None,
+    gradient_checkpointing: Any = False,
     **options: Any,
 ) -> AdaptedModel:
     """Capture ``model``, insert adapters with the method's pass, and freeze the base weights.
@@ -35,6 +37,9 @@ def inject(
 
     ``quantize="nf4"`` or ``"int8"`` (or a ``QuantConfig``) first replaces the model's linear
     layers, in place, by quantized frozen ones (QLoRA; see ``adaptc.passes.quantize``).
+
+    ``gradient_checkpointing=True`` (or ``"full"``, ``"selective"``, or a dict of
+    ``gradient_checkpointing_kwargs``) is ``am.gradient_checkpointing_enable(...)`` on the result.
     """
     if not isinstance(model, nn.Module):
         raise InputError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -44,12 +49,15 @@ def inject(
         )
     config = make_config(method, options)  # fail on bad options before the (slow) capture
     quant_config = quant.make_quant_config(quantize, lora=config)
+    checkpointing = checkpoint_kwargs(gradient_checkpointing)
     inputs = normalize_inputs(example_inputs)
     check_has_tensor(inputs)
     replaced = quant.quantize_model(model, quant_config, require=True) if quant_config else []
     try:
         adapted = adapt(model, inputs)
         adapted.add_adapter(adapter_name, config)
+        if checkpointing is not None:
+            adapted.gradient_checkpointing_enable(checkpointing)
     except BaseException:
         quant.restore(replaced)  # the model is left as it was
         raise

@@ -19,10 +19,12 @@ from .checkpoint_files import check_new_name
 from .errors import AdaptcError, ConfigError
 from .inputs import Inputs
 from .methods import ADAPTERS_ATTR, Method, adapter_prefix, available_methods, get_method, make_config
+from .passes import checkpoint as checkpointing
 from .passes.manager import PassManager
 from .passes.weighted import add_weighted_adapter
 from .signature import signature_class
 from .targets import merge as merge_target
+from .warn import warn_user
 
 
 @dataclass
@@ -90,6 +92,10 @@ class AdaptedModel(nn.Module):
         Everything is validated before the model changes; the new adapter becomes the only
         active one (like PEFT's ``add_adapter`` followed by ``set_adapter``).
         """
+        with self._checkpointing_suspended():  # the methods read the graphs as captured
+            self._add_adapter(name, config, **options)
+
+    def _add_adapter(self, name: str, config: Any = None, **options: Any) -> None:
         check_new_name(self.adapters, name)
         config = make_config(config if config is not None else "lora", options)
         method = get_method(config)
@@ -233,14 +239,82 @@ class AdaptedModel(nn.Module):
         ``is_main_process=False`` writes nothing, as in transformers."""
         return self.save_adapter(save_directory) if is_main_process else []
 
-    def gradient_checkpointing_enable(self, *args: Any, **kwargs: Any) -> None:
-        # Without this the call would reach the base model, change nothing in the captured graphs, and mislead.
-        raise ConfigError(
-            "gradient checkpointing is not supported on an AdaptedModel: its graphs were captured without it. "
-            "Set gradient_checkpointing=False (TrainingArguments) and lower the batch size instead"
-        )
+    # -- activation checkpointing (adaptc/passes/checkpoint.py) -----------------------------------
 
-    activation_checkpointing_enable = gradient_checkpointing_enable
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None, *,
+                                      every_n_layers: int = 1, offload: bool = False) -> None:
+        """Recompute the repeated blocks' activations in the backward instead of keeping them, in every
+        training graph, present and future (:mod:`adaptc.passes.checkpoint`); gradients do not change.
+
+        ``gradient_checkpointing_kwargs`` (transformers' and PEFT's): ``use_reentrant`` (default False),
+        ``preserve_rng_state`` (default True: dropout draws the same masks again) and adaptc's ``policy``:
+        ``"full"`` (default; the whole block is recomputed) or ``"selective"`` (matmul and attention outputs
+        are kept, norms, activations and element-wise ops recomputed). ``every_n_layers``: only blocks
+        0, n, 2n, ... are checkpointed. ``offload=True`` is not supported.
+        """
+        settings = checkpointing.make_settings(gradient_checkpointing_kwargs, every_n_layers=every_n_layers,
+                                               offload=offload)
+        self._set_checkpointing(checkpointing.CheckpointPass(settings))
+
+    def activation_checkpointing_enable(self, activation_checkpointing_kwargs: dict | None = None,
+                                        every_n_layers: int = 1, offload: bool = False) -> None:
+        """transformers' name (its Trainer calls it for ``gradient_checkpointing=True``): :meth:`gradient_checkpointing_enable`."""
+        self.gradient_checkpointing_enable(activation_checkpointing_kwargs, every_n_layers=every_n_layers, offload=offload)
+
+    def gradient_checkpointing_disable(self) -> None:
+        """Plain training graphs again: every activation kept for the backward."""
+        self._set_checkpointing(None)
+
+    activation_checkpointing_disable = gradient_checkpointing_disable
+
+    @property
+    def is_gradient_checkpointing(self) -> bool:
+        return self._checkpoint_pass() is not None
+
+    is_activation_checkpointing = is_gradient_checkpointing
+
+    def enable_input_require_grads(self) -> None:
+        """Nothing to do (transformers and PEFT call it for reentrant checkpointing; on the base model it would
+        hook an embedding module the graphs never call): checkpointed blocks give the adapters their
+        gradients without inputs that require grad."""
+
+    def disable_input_require_grads(self) -> None:
+        """Nothing to undo (see :meth:`enable_input_require_grads`)."""
+
+    def _checkpoint_pass(self) -> checkpointing.CheckpointPass | None:
+        return next((p for p in self._passes.after if isinstance(p, checkpointing.CheckpointPass)), None)
+
+    def _set_checkpointing(self, new: checkpointing.CheckpointPass | None, index: int | None = None) -> None:
+        """Make ``new`` (None: none) the checkpointing pass and apply it to every graph captured so far."""
+        old = self._checkpoint_pass()
+        if old is not None:
+            self._passes.after.remove(old)
+        if new is not None:  # last by default: it cuts the finished graph into blocks
+            self._passes.after.insert(len(self._passes.after) if index is None else index, new)
+        for graph in self.all_graphs():
+            graph.transform_graphs(new if new is not None else checkpointing.inline, remember=False)
+        trained = [g for g in self.all_graphs() if True in g._adaptc_graphs]
+        if new is not None and trained and index is None and not any(self._blocks_in(g) for g in trained):
+            warn_user(f"gradient checkpointing found no repeated blocks (a ModuleList of layers) in the training "
+                      f"graph of {type(self.base_model).__name__}: nothing is recomputed")
+
+    @staticmethod
+    def _blocks_in(graph: CapturedGraphModule) -> bool:
+        return any(checkpointing.has_blocks(g) for mode, g in graph._adaptc_graphs.items() if mode)
+
+    @contextlib.contextmanager
+    def _checkpointing_suspended(self) -> Iterator[None]:
+        """Within the block every graph is as captured (methods read them when adding an adapter)."""
+        current = self._checkpoint_pass()
+        if current is None:
+            yield
+            return
+        index = self._passes.after.index(current)
+        self._set_checkpointing(None)
+        try:
+            yield
+        finally:
+            self._set_checkpointing(current, index)
 
     def generate(self, *args: Any, **kwargs: Any) -> Any:
         """transformers' ``generate`` (GenerationConfig: greedy, sampling, beams, stopping criteria,
@@ -262,6 +336,19 @@ class AdaptedModel(nn.Module):
     def load_adapter(self, directory: str | os.PathLike, adapter_name: str = "default") -> None:
         """Add a saved adapter (adaptc's or PEFT's) under ``adapter_name`` and make it the active one."""
         load_into(self, directory, adapter_name)
+
+    def chunked_loss(self, enabled: bool = True, *, chunk_size: int = 1024, logits: bool = False) -> list[str]:
+        """Compute a causal LM's loss from ``labels`` without its [batch, sequence, vocab] logits (off by default).
+
+        In training graphs, the LM head and the cross-entropy run over ``chunk_size`` tokens at a time and
+        are recomputed in the backward (:mod:`adaptc.passes.chunked_loss`); loss and gradients are the
+        plain ones. The output's ``logits`` are ``None`` there, or with ``logits=True`` computed without a
+        gradient (one more [batch, sequence, vocab] tensor). ``enabled=False`` restores the plain graphs.
+        Returns one note per training graph captured so far: chunked, or left unchunked and why.
+        """
+        from .passes import chunked_loss
+
+        return chunked_loss.configure(self, enabled, chunk_size, logits)
 
     # -- graphs ---------------------------------------------------------------------------------
 

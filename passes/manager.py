@@ -89,6 +89,8 @@ def adapted_uses(gm: fx.GraphModule) -> int:
             count += 1
         elif node.target.startswith(lora_fused.SIBLINGS_ATTR + "."):
             count += len(gm.get_submodule(node.target).layers)
+        elif hasattr(gm.get_submodule(node.target), "adapted_uses"):  # a checkpointed block (passes/checkpoint.py)
+            count += gm.get_submodule(node.target).adapted_uses()
     return count
 
 
@@ -111,9 +113,15 @@ class PassManager:
         when the pass needs them, and take them in again after."""
         if not isinstance(graph_pass, GraphPass):
             graph_pass = FunctionPass(getattr(graph_pass, "__name__", "pass"), graph_pass)
+        # Later passes that take frozen ops into themselves (``undo``: the chunked loss) give them back too.
+        hiding = [p for p in self.after if hasattr(p, "undo") and p is not graph_pass] if graph_pass.needs_frozen_ops else []
+        for p in hiding:
+            p.undo(gm)
         if graph_pass.needs_frozen_ops:
             lora_fused.restore_bases(gm)
         result = self._run(gm, graph_pass, removal=removal)
+        for p in hiding:
+            self._run(gm, p)
         if graph_pass.needs_frozen_ops:
             lora_fused.absorb_bases(gm)
         return result

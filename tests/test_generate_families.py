@@ -78,3 +78,29 @@ def test_generate_equals_the_merged_model_and_not_the_base(family):
         base = am.generate(input_ids=ids, **options)
     assert torch.equal(got, am.merge().generate(input_ids=ids, **options))
     assert not torch.equal(got, base)
+
+
+_EAGER_ATTENTION = ("mpt", "gemma2")
+
+
+@pytest.mark.parametrize("method", ["prompt", "prefix"])
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_prompt_methods_generate_with_the_cache_as_without(family, method):
+    """The cached steps (virtual tokens at the first step; the prefix at every step) give the tokens of
+    the whole-sequence recompute through the adapted forward."""
+    torch.manual_seed(0)
+    model = FAMILIES[family]().eval()
+    ids = torch.randint(3, 90, (2, 7))
+    if family in _EAGER_ATTENTION:  # attention computed by hand (ALiBi; soft-capping): no SDPA op to extend
+        with pytest.raises(adaptc.TargetError, match="no attention op"):
+            adaptc.inject(model, method, example_inputs={"input_ids": ids}, num_virtual_tokens=3)
+        return
+    am = adaptc.inject(model, method, example_inputs={"input_ids": ids}, num_virtual_tokens=3)
+    with torch.no_grad():
+        for p in am.adapters.parameters():
+            p.normal_(0, 1.0)
+    options = dict(max_new_tokens=6, min_new_tokens=6, do_sample=False, pad_token_id=0)
+    with step_lengths(am) as lengths:
+        got = am.generate(input_ids=ids, **options)
+    assert set(lengths[1:]) == ({1} if family not in ("mistral-short-window", "mpt") else set(range(8, 13)))
+    assert torch.equal(got, am.generate(input_ids=ids, use_cache=False, **options))
