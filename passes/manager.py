@@ -25,7 +25,7 @@ from torch import fx
 
 from adaptc.errors import AdaptcError
 
-from . import lora_fused, narrow, speedups
+from . import gqa, lora_fused, narrow, speedups
 
 ADAPTERS_ATTR = "_adaptc_adapters"  # the module path under which captured graphs reach the adapters
 BOTH_MODES = frozenset({True, False})
@@ -77,6 +77,8 @@ NARROW = FunctionPass("narrow-rows", narrow.narrow_rows, modes={True})
 FUSE_KERNELS = FunctionPass("fuse-kernels", speedups.fuse_kernels, modes={True})
 FAST_DROPOUT = FunctionPass("fast-dropout", speedups.fast_dropout)
 ABSORB = FunctionPass("absorb-bases", lora_fused.absorb_bases, needs_frozen_ops=False)
+# Grouped-query attention on un-repeated keys and values (evaluation graphs: generation reads the cache).
+GQA = FunctionPass("gqa-attention", gqa.use_gqa, modes={False}, needs_frozen_ops=False)
 
 
 def adapted_uses(gm: fx.GraphModule) -> int:
@@ -100,7 +102,7 @@ class PassManager:
     def __init__(self, before: list[GraphPass] | None = None, after: list[GraphPass] | None = None,
                  debug: bool | None = None) -> None:
         self.before = [NARROW] if before is None else before
-        self.after = [FUSE_KERNELS, FAST_DROPOUT, ABSORB] if after is None else after
+        self.after = [FUSE_KERNELS, FAST_DROPOUT, GQA, ABSORB] if after is None else after
         self.debug = os.environ.get("ADAPTC_DEBUG_PASSES") == "1" if debug is None else debug
 
     def run(self, gm: fx.GraphModule, method_passes: Iterable[GraphPass]) -> list[tuple[GraphPass, PassResult]]:

@@ -209,3 +209,20 @@ def test_mixed_adapter_names_are_checked_before_generating(two_adapters):
         am.generate(input_ids=ids, max_new_tokens=2, adapter_names=["a", "nope"])
     with pytest.raises(adaptc.InputError):
         am.generate(input_ids=ids, max_new_tokens=2, adapter_names=["a", "b", "a"])
+
+
+def test_grouped_query_attention_reads_the_cache_without_repeating_it():
+    """Generation graphs hand the attention op the cached keys and values as they are (enable_gqa)
+    instead of a copy repeated per query head; the tokens stay those of the recompute path."""
+    torch.manual_seed(0)
+    model = FAMILIES["llama"]().eval()  # 4 query heads, 2 key/value heads
+    ids = torch.randint(3, 90, (2, 6))
+    am = adaptc.inject(model, "lora", example_inputs={"input_ids": ids}, r=4)
+    randomise(am)
+    am.eval()
+    got = am.generate(input_ids=ids, max_new_tokens=5, min_new_tokens=5, do_sample=False)
+    rewritten = [sum(1 for n in g.graph.nodes if getattr(n.target, "__name__", "") == "gqa_attention")
+                 for g in am.all_graphs()]
+    assert sorted(rewritten) == [0, 2, 2]  # the example's graph keeps its op; prefill and one-token graphs
+    assert torch.equal(got, am.generate(input_ids=ids, max_new_tokens=5, min_new_tokens=5, do_sample=False,
+                                        use_cache=False))
