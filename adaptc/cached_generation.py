@@ -26,17 +26,58 @@ import inspect
 from typing import Any
 
 import torch
+from torch.utils import _pytree as pytree
 
 _CACHE_NAMES = ("cache", "past_key_values")
 
 
 def _register_cache_for_export() -> bool:
+    """Register ``DynamicCache`` with torch's pytree (graphs take and return it), once.
+
+    adaptc's own registration rebuilds a cache from a graph's outputs by reference; the one in
+    ``transformers.integrations.executorch`` (used when something registered it first) rebuilds it
+    through ``update``, a copy of every layer's keys and values at every step.
+    """
     try:
-        from transformers.integrations.executorch import register_dynamic_cache_export_support
-    except ImportError:  # transformers without export support for its cache
+        from transformers.cache_utils import DynamicCache
+    except ImportError:
         return False
-    register_dynamic_cache_export_support()
+    if DynamicCache in pytree.SUPPORTED_NODES:
+        return True
+    pytree.register_pytree_node(
+        DynamicCache, _flatten_cache, _unflatten_cache,
+        serialized_type_name="adaptc.DynamicCache", flatten_with_keys_fn=_flatten_cache_with_keys,
+    )
     return True
+
+
+def _flatten_cache(cache: Any) -> tuple[list[torch.Tensor], tuple]:
+    """Keys then values of the layers that hold any; the context: how many do, and every layer's window."""
+    if not _supported_layers(cache):
+        raise TypeError(f"adaptc cannot pass a cache of layers {[type(x).__name__ for x in cache.layers]} to a graph")
+    filled = [layer for layer in cache.layers if layer.is_initialized and layer.keys is not None and layer.keys.numel()]
+    layout = tuple(getattr(layer, "sliding_window", None) for layer in cache.layers)
+    return [layer.keys for layer in filled] + [layer.values for layer in filled], (len(filled), layout)
+
+
+def _flatten_cache_with_keys(cache: Any) -> tuple[list[tuple[Any, torch.Tensor]], tuple]:
+    values, context = _flatten_cache(cache)
+    return [(pytree.SequenceKey(i), value) for i, value in enumerate(values)], context
+
+
+def _unflatten_cache(values: Any, context: tuple) -> Any:
+    from transformers.cache_utils import DynamicCache, DynamicLayer, DynamicSlidingWindowLayer
+
+    filled, layout = context
+    values = list(values)
+    cache = DynamicCache()
+    cache.layers = [DynamicSlidingWindowLayer(sliding_window=w) if w else DynamicLayer() for w in layout]
+    for layer, keys, vals in zip(cache.layers, values[:filled], values[filled:]):
+        layer.lazy_initialization(keys, vals)
+        layer.keys, layer.values = keys, vals
+        if hasattr(layer, "cumulative_length"):
+            layer.cumulative_length = keys.shape[-2]
+    return cache
 
 
 def _cache_parameter(base: Any) -> str | None:

@@ -174,6 +174,8 @@ class LoraSiblings(nn.Module):
         if first._rows is not None:  # a mixed batch (adapter_names): each site's layer takes its rows
             bases = self._bases(x, bases, weights, biases)
             return tuple(layer(x, *ops) for layer, *ops in zip(layers, bases, weights, biases))
+        if not torch.is_grad_enabled() and not first.training and x.dtype == first.lora_A.dtype:
+            return self._inference(x, bases, weights, biases)
         dtype = first.lora_A.dtype
         x2d = x.reshape(-1, x.shape[-1]).to(dtype)
         p = first.dropout.p if isinstance(first.dropout, nn.Dropout) and first.training else 0.0
@@ -204,6 +206,28 @@ class LoraSiblings(nn.Module):
         with torch.autocast(device, enabled=False):
             outs = _SiblingLora.apply(x2d, keep, a_cat, ranks, scales, count, in_place, *bs, *inputs)
         return tuple(out if out.shape == base.shape else out.view(base.shape) for out, base in zip(outs, bases))
+
+    def _inference(self, x, bases, weights, biases) -> tuple[torch.Tensor, ...]:
+        """No gradients, no dropout (generation, evaluation): plain ops, no autograd Function or saved
+        tensors. One ``x @ cat(A).T`` for the group, then per site the base op and ``addmm`` of
+        ``h_i @ B_i.T`` scaled; this runs at every generation step, so it stays short."""
+        layers = self._layers
+        x2d = x.reshape(-1, x.shape[-1])
+        a_cat = torch.cat([layer.lora_A for layer in layers]) if len(layers) > 1 else layers[0].lora_A
+        hidden = x2d @ a_cat.t()
+        outs, start = [], 0
+        for layer, base, weight, bias in zip(layers, bases, weights, biases):
+            rank = layer.lora_A.shape[0]
+            h = hidden[:, start:start + rank]
+            start += rank
+            if base is None:
+                base = F.linear(x2d, layer._oriented(weight), bias)
+            else:
+                base = base.reshape(-1, base.shape[-1])
+            out = torch.addmm(base, h, layer.lora_B.t(), alpha=layer.scaling) if base.dtype == h.dtype else \
+                base + (h @ layer.lora_B.t() * layer.scaling).to(base.dtype)
+            outs.append(out.view(*x.shape[:-1], out.shape[-1]))
+        return tuple(outs)
 
     def _bases(self, x, bases, weights, biases) -> tuple[torch.Tensor, ...]:
         """Each site's base output: computed here for the sites whose op was absorbed."""
