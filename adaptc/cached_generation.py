@@ -73,10 +73,12 @@ def _unflatten_cache(values: Any, context: tuple) -> Any:
     cache = DynamicCache()
     cache.layers = [DynamicSlidingWindowLayer(sliding_window=w) if w else DynamicLayer() for w in layout]
     for layer, keys, vals in zip(cache.layers, values[:filled], values[filled:]):
-        layer.lazy_initialization(keys, vals)
-        layer.keys, layer.values = keys, vals
-        if hasattr(layer, "cumulative_length"):
+        if isinstance(layer, DynamicSlidingWindowLayer):
+            layer.lazy_initialization(keys, vals)  # also moves its window tensor to the device
             layer.cumulative_length = keys.shape[-2]
+        else:  # what lazy_initialization sets, without its two empty tensors (this runs at every step)
+            layer.device, layer.is_initialized = keys.device, True
+        layer.keys, layer.values = keys, vals
     return cache
 
 
