@@ -287,6 +287,8 @@ class AdaptedModel(nn.Module):
     def _set_checkpointing(self, new: checkpointing.CheckpointPass | None, index: int | None = None) -> None:
         """Make ``new`` (None: none) the checkpointing pass and apply it to every graph captured so far."""
         old = self._checkpoint_pass()
+        if old is None and new is None:
+            return
         if old is not None:
             self._passes.after.remove(old)
         if new is not None:  # last by default: it cuts the finished graph into blocks
@@ -295,8 +297,9 @@ class AdaptedModel(nn.Module):
             graph.transform_graphs(new if new is not None else checkpointing.inline, remember=False)
         trained = [g for g in self.all_graphs() if True in g._adaptc_graphs]
         if new is not None and trained and index is None and not any(self._blocks_in(g) for g in trained):
-            warn_user(f"gradient checkpointing found no repeated blocks (a ModuleList of layers) in the training "
-                      f"graph of {type(self.base_model).__name__}: nothing is recomputed")
+            warn_user(f"gradient checkpointing found no block to recompute in the training graph of "
+                      f"{type(self.base_model).__name__}: no repeated blocks (a ModuleList of layers), or each "
+                      "writes into memory it does not own (batch norm's running statistics)")
 
     @staticmethod
     def _blocks_in(graph: CapturedGraphModule) -> bool:

@@ -26,14 +26,14 @@ and :func:`inline` puts it back: passes that rewrite graphs see them as captured
 this pass around them, see ``PassManager.run_one``), and disabling restores the plain graph.
 
 **Policies.** ``"full"`` recomputes the whole block. ``"selective"`` keeps the outputs of the block's
-matmul-like and attention ops (``linear``, ``mm``, ``addmm``, ``bmm``, ``matmul``, ``einsum``,
-convolutions, ``scaled_dot_product_attention`` and its flash / efficient / cuDNN / CPU-flash kernels,
-adaptc's quantized linear) and recomputes the rest (norms, activations, element-wise ops, dropout): torch's
-selective activation checkpointing (``create_selective_checkpoint_contexts``) with a policy that saves what
-is dispatched while one of those nodes runs. Random ops are always recomputed (same RNG state, same
-values); a kept output that something later writes into in place (a LoRA group adds into its base output)
-is kept as is and the write goes to a copy. LoRA groups' frozen ops, which :func:`absorb_bases` moves
-inside the groups, are given back to the graph in a selective body, so that their GEMMs are kept.
+matmul-like and attention ops and recomputes the rest (norms, activations, element-wise ops, dropout):
+torch's selective activation checkpointing (``create_selective_checkpoint_contexts``) with a policy that
+keeps what the ops in :data:`KEPT_OPS` return as they reach the dispatcher (``linear`` / ``matmul`` /
+``einsum`` arrive as ``mm``, ``addmm``, ``bmm``; ``scaled_dot_product_attention`` as its flash / efficient
+/ cuDNN / CPU-flash kernel; convolutions; adaptc's quantized linear). The GEMMs that LoRA groups run
+inside themselves are kept too. Random ops are always recomputed (same RNG state, same values). A kept
+output that is then written into in place (a LoRA group adds into its base output) is kept with the
+write (:class:`_SelectivePolicy`).
 
 **What the recompute sees.** ``preserve_rng_state`` (on by default) replays the forward's RNG state, so
 dropout draws the same masks. Adapter state that a call sets for its own length (``adapter_names`` rows,
@@ -49,12 +49,9 @@ and the ``"full"`` policy only.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import inspect
 import operator
-import threading
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -70,8 +67,6 @@ from .manager import GraphPass
 BLOCKS_ATTR = "_adaptc_checkpoint_blocks"  # the ModuleDict (on the graph module) of the blocks' call nodes
 POLICIES = ("full", "selective")
 _KWARGS = ("use_reentrant", "preserve_rng_state", "policy", "every_n_layers")
-
-aten = torch.ops.aten
 
 
 @dataclass(frozen=True)
@@ -118,6 +113,9 @@ def make_settings(kwargs: dict[str, Any] | None = None, *, every_n_layers: int =
     for name, value in (("use_reentrant", reentrant), ("preserve_rng_state", kwargs.get("preserve_rng_state", True))):
         if not isinstance(value, bool):
             raise ConfigError(f"{name} must be True or False, got {value!r}")
+    if policy == "selective" and not SELECTIVE_SUPPORTED:
+        raise ConfigError(f"the 'selective' policy needs a newer torch than {torch.__version__} (its selective "
+                          "checkpointing policy must see each op's output); use policy='full'")
     if reentrant and policy == "selective":
         raise ConfigError("the 'selective' policy needs use_reentrant=False (torch's selective checkpointing is "
                           "non-reentrant only)")
@@ -181,7 +179,7 @@ def _block_paths(stacks: dict[fx.Node, list[tuple[str, str]]]) -> set[str]:
             parent, _, index = path.rpartition(".")
             if index.isdigit():
                 children.setdefault(parent, {})[path] = cls
-    composite = {p for p in paths for q in paths if q.startswith(p + ".")} if paths else set()
+    composite = {".".join(path.split(".")[:i]) for path in paths for i in range(1, path.count(".") + 1)}
     blocks = set()
     for members in children.values():
         by_class: dict[str, list[str]] = {}
@@ -266,24 +264,24 @@ def _is_view(node: fx.Node) -> bool:
     return alias is not None and not alias.is_write
 
 
-def _written_args(node: fx.Node, gm: fx.GraphModule) -> list[Any]:
+_BATCH_NORMS = ("aten::batch_norm", "aten::native_batch_norm", "aten::_native_batch_norm_legit",
+                "aten::cudnn_batch_norm", "aten::miopen_batch_norm", "aten::instance_norm")
+
+
+def _written_args(node: fx.Node, gm: fx.GraphModule) -> list[fx.Node]:
     """The arguments ``node`` writes into in place: by its schema, LoRA groups' base outputs, batch norm's
     running statistics."""
     if node.op == "call_module" and node.target.startswith(lora_fused.SIBLINGS_ATTR + "."):
         count = len(gm.get_submodule(node.target).layers)
-        return list(node.args[1 : 1 + count])
-    if node.op != "call_function":
-        return []
-    schema = getattr(node.target, "_schema", None)
+        return [a for a in node.args[1 : 1 + count] if isinstance(a, fx.Node)]
+    schema = getattr(node.target, "_schema", None) if node.op == "call_function" else None
     if schema is None:
         return []
     written = []
     for i, argument in enumerate(schema.arguments):
-        value = node.args[i] if i < len(node.args) else node.kwargs.get(argument.name)
         if argument.alias_info is not None and argument.alias_info.is_write:
-            written.append(value)
-    if schema.name in ("aten::batch_norm", "aten::native_batch_norm", "aten::_native_batch_norm_legit",
-                       "aten::cudnn_batch_norm", "aten::miopen_batch_norm", "aten::instance_norm"):
+            written.append(node.args[i] if i < len(node.args) else node.kwargs.get(argument.name))
+    if schema.name in _BATCH_NORMS:
         training = node.args[5] if len(node.args) > 5 else node.kwargs.get("training", False)
         if training:
             written.extend(node.args[3:5])  # running_mean, running_var
@@ -298,95 +296,88 @@ def _root(node: fx.Node, inside: set[fx.Node]) -> fx.Node:
 
 
 def _writes_outside(gm: fx.GraphModule, region: list[fx.Node]) -> bool:
+    """Whether the region writes in place into memory it did not allocate (its recompute would write again)."""
     inside = set(region)
     return any(_root(arg, inside) not in inside for node in region for arg in _written_args(node, gm))
 
 
-def _written_later(node: fx.Node, gm: fx.GraphModule, inside: set[fx.Node]) -> bool:
-    """Whether something in the region writes in place into ``node``'s value (or a view of it)."""
-    seen, todo = set(), [node]
-    while todo:
-        value = todo.pop()
-        for user in value.users:
-            if user not in inside or user in seen:
-                continue
-            seen.add(user)
-            if any(arg is value for arg in _written_args(user, gm)):
-                return True
-            if _is_view(user) and user.args and user.args[0] is value:
-                todo.append(user)
-    return False
-
-
 # --- the selective policy ----------------------------------------------------------------------------
 
-_KEPT_OPS = frozenset({
-    "linear", "mm", "addmm", "bmm", "baddbmm", "matmul", "einsum", "conv1d", "conv2d", "conv3d", "convolution",
-    "_convolution", "conv_transpose1d", "conv_transpose2d", "conv_transpose3d", "scaled_dot_product_attention",
-    "_scaled_dot_product_flash_attention", "_scaled_dot_product_flash_attention_for_cpu",
-    "_scaled_dot_product_efficient_attention", "_scaled_dot_product_cudnn_attention",
-    "_scaled_dot_product_fused_attention_overrideable", "quant_linear",
+# Ops whose outputs the selective policy keeps, by schema name, as they reach the dispatcher (``linear``,
+# ``matmul`` and ``einsum`` arrive as mm / addmm / bmm, ``scaled_dot_product_attention`` as its kernel).
+KEPT_OPS = frozenset({
+    "aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::_int_mm", "aten::_scaled_mm",
+    "aten::convolution", "aten::_convolution", "aten::cudnn_convolution", "aten::mkldnn_convolution",
+    "aten::_scaled_dot_product_flash_attention", "aten::_scaled_dot_product_flash_attention_for_cpu",
+    "aten::_scaled_dot_product_efficient_attention", "aten::_scaled_dot_product_cudnn_attention",
+    "aten::_scaled_dot_product_fused_attention_overrideable", "aten::_flash_attention_forward",
+    "aten::_efficient_attention_forward", "adaptc::quant_linear",
 })
 
-_keeping = threading.local()
+
+def _storages(value: Any) -> set[int]:
+    found = set()
+    for leaf in torch.utils._pytree.tree_leaves(value):
+        if isinstance(leaf, torch.Tensor):
+            try:
+                found.add(leaf.untyped_storage().data_ptr())
+            except (RuntimeError, NotImplementedError):  # no storage (a subclass, a meta tensor)
+                continue
+    found.discard(0)  # empty storages share the null pointer
+    return found
 
 
-def _op_name(target: Any) -> str:
-    schema = getattr(target, "_schema", None)
-    if schema is not None:
-        return schema.name.split("::")[-1]
-    return getattr(target, "__name__", "")
+class _SelectivePolicy:
+    """One block call's policy: keep the outputs of :data:`KEPT_OPS`, recompute everything else.
 
+    A kept output that an op then writes into in place (a LoRA group adds its update into the base GEMM's
+    output; attention's math path adds the mask into its scores) is kept with the write: the in-place op is
+    kept too, so the recompute takes the final value and writes nothing. That is exact only when nothing
+    read the value between the GEMM and the write, which the policy checks (views do not count as reads);
+    otherwise it raises rather than compute wrong gradients.
+    """
 
-def kept_op(node: fx.Node) -> bool:
-    """Whether the selective policy keeps ``node``'s output (a matmul-like or attention op)."""
-    return node.op == "call_function" and _op_name(node.target) in _KEPT_OPS
+    def __init__(self) -> None:
+        self.kept: dict[int, bool] = {}  # storage of a kept output -> whether a recomputed op has read it
 
-
-@contextlib.contextmanager
-def _kept_region() -> Iterator[None]:
-    _keeping.depth = getattr(_keeping, "depth", 0) + 1
-    try:
-        yield
-    finally:
-        _keeping.depth -= 1
-
-
-@functools.cache
-def _kept(target: Any, copy: bool) -> Any:
-    """``target`` whose dispatched ops the selective policy saves; ``copy``: the caller gets a copy
-    (recomputed from the kept value), since it writes into it."""
-
-    def kept(*args: Any, **kwargs: Any) -> Any:
-        with _kept_region():
-            out = target(*args, **kwargs)
-        if copy:
-            out = torch.utils._pytree.tree_map_only(torch.Tensor, torch.clone, out)
-        return out
-
-    kept.__name__ = f"kept_{_op_name(target) or 'op'}"
-    kept.__qualname__ = kept.__name__
-    return kept
-
-
-def _policy(ctx: Any, op: Any, *args: Any, **kwargs: Any) -> Any:
-    policy = torch_checkpoint.CheckpointPolicy
-    if not getattr(_keeping, "depth", 0):
+    def __call__(self, ctx: Any, op: Any, *args: Any, **kwargs: Any) -> Any:
+        policy = torch_checkpoint.CheckpointPolicy
+        schema = getattr(op, "_schema", None)
+        out = _storages(ctx.op_output)
+        written: set[int] = set()
+        if schema is not None and schema.is_mutable:
+            for i, argument in enumerate(schema.arguments):
+                if argument.alias_info is not None and argument.alias_info.is_write:
+                    written |= _storages(args[i] if i < len(args) else kwargs.get(argument.name))
+        # Random ops are recomputed from the replayed RNG state, like every other random op of the block.
+        random = torch.Tag.nondeterministic_seeded in getattr(op, "tags", ())
+        touched = written & self.kept.keys()
+        if touched:
+            if random or any(self.kept[p] for p in touched):
+                raise RuntimeError(
+                    f"selective activation checkpointing cannot keep the output of a matmul or attention op that "
+                    f"{op} then writes into in place after another op read it; use policy='full'"
+                )
+            return policy.MUST_SAVE  # kept with the write (an op that is not recomputed reads nothing again)
+        if schema is not None and schema.name in KEPT_OPS and not schema.is_mutable and not random:
+            for p in out:
+                self.kept[p] = False
+            return policy.MUST_SAVE
+        for p in _storages((args, kwargs)) & self.kept.keys():
+            if p not in out:  # a view of a kept output reads nothing
+                self.kept[p] = True
         return policy.PREFER_RECOMPUTE
-    if torch.Tag.nondeterministic_seeded in getattr(op, "tags", ()):
-        return policy.PREFER_RECOMPUTE  # random: recomputed from the replayed RNG state, like every other one
-    schema = getattr(op, "_schema", None)
-    if schema is not None and schema.is_mutable:
-        return policy.PREFER_RECOMPUTE
-    return policy.MUST_SAVE
 
 
 def _selective_contexts() -> tuple[Any, Any]:
-    return torch_checkpoint.create_selective_checkpoint_contexts(_policy)
+    # allow_cache_entry_mutation: the writes into kept outputs are the ones _SelectivePolicy kept (see there).
+    return torch_checkpoint.create_selective_checkpoint_contexts(_SelectivePolicy(), allow_cache_entry_mutation=True)
 
 
-# SAC's saved tensors pass through the caller's saved-tensors hooks (save_on_cpu, a memory count): torch >= 2.13.
-_RESPECTS_HOOKS = "respect_saved_tensors_hooks" in inspect.signature(torch_checkpoint.checkpoint).parameters
+_CHECKPOINT_OPTIONS = inspect.signature(torch_checkpoint.checkpoint).parameters
+# SAC's kept tensors pass through the caller's saved-tensors hooks (save_on_cpu, a memory count) where torch can.
+_RESPECTS_HOOKS = "respect_saved_tensors_hooks" in _CHECKPOINT_OPTIONS
+SELECTIVE_SUPPORTED = "op_output" in inspect.signature(torch_checkpoint.SelectiveCheckpointContext).parameters
 
 
 # --- the block module --------------------------------------------------------------------------------
@@ -539,10 +530,7 @@ def _wrap_region(gm: fx.GraphModule, path: str, last: fx.Node, region: list[fx.N
                 inputs.append(arg)
     outputs = [n for n in region if any(u not in inside for u in n.users)]
     original = _copy_region(region, inputs, outputs)
-    body_graph = _copy_region(region, inputs, outputs)
-    if settings.policy == "selective":
-        _make_selective(body_graph, gm)
-    body = fx.GraphModule(gm, body_graph, class_name="CheckpointedBlockBody")
+    body = fx.GraphModule(gm, _copy_region(region, inputs, outputs), class_name="CheckpointedBlockBody")
     owner = _blocks_dict(gm)
     index = len(owner)
     while f"b{index}" in owner:
@@ -574,17 +562,6 @@ def _copy_region(region: list[fx.Node], inputs: list[fx.Node], outputs: list[fx.
         env[node] = copy.node_copy(node, env.__getitem__)
     copy.output(tuple(env[n] for n in outputs))
     return copy
-
-
-def _make_selective(body: fx.Graph, gm: fx.GraphModule) -> None:
-    """Give LoRA groups their frozen ops back (their GEMMs are kept) and mark the kept ops."""
-    for node in body.nodes:
-        if lora_fused.ABSORBED in node.meta:
-            node.target = node.meta.pop(lora_fused.ABSORBED)
-    inside = set(body.nodes)
-    for node in body.nodes:
-        if kept_op(node):
-            node.target = _kept(node.target, _written_later(node, gm, inside))
 
 
 def inline(gm: fx.GraphModule) -> bool:

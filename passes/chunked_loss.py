@@ -120,7 +120,7 @@ class _ChunkedHeadLossFn(torch.autograd.Function):
         loss = total / count if count is not None else total
         device = hidden.device.type
         ctx.autocast = (device, torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
-        ctx.spec, ctx.count, ctx.dtype = spec, count, loss.dtype
+        ctx.spec, ctx.count = spec, count
         ctx.save_for_backward(hidden, target, *tensors)
         if not want_logits:
             return loss
@@ -141,26 +141,39 @@ class _ChunkedHeadLossFn(torch.autograd.Function):
         leaves = [x.detach().requires_grad_(True) if needs[3 + i] else x for i, x in enumerate(tensors)]
         trained = [leaf for i, leaf in enumerate(leaves) if needs[3 + i]]
         grad_h = torch.empty_like(h) if want_h else None
-        grad_params = [None] * len(trained)
+        grad_params: list[torch.Tensor | None] = [None] * len(trained)
+        inputs_wanted = want_h or trained
         device, enabled, dtype = ctx.autocast
-        with torch.enable_grad(), torch.autocast(device, dtype=dtype, enabled=enabled):
-            for start in range(0, h.shape[0], chunk):
-                hc = h[start:start + chunk].detach().requires_grad_(want_h)
+        for start in range(0, h.shape[0] if inputs_wanted else 0, chunk):
+            hc = h[start:start + chunk].detach().requires_grad_(want_h)
+            with torch.enable_grad(), torch.autocast(device, dtype=dtype, enabled=enabled):
                 _out, z = head(hc, *leaves)
-                part = F.cross_entropy(z, t[start:start + chunk], reduction="sum", ignore_index=spec.ignore_index,
-                                       label_smoothing=spec.label_smoothing)
-                inputs = ([hc] if want_h else []) + trained
-                if not inputs:
-                    break
-                grads = torch.autograd.grad(part, inputs, grad_outputs=scale.to(part.dtype))
-                if want_h:
-                    grad_h[start:start + chunk] = grads[0]
-                    grads = grads[1:]
-                grad_params = [g if acc is None else acc.add_(g) for acc, g in zip(grad_params, grads)]
-                del z, part, grads
+            # The cross-entropy's gradient written out: one [chunk, vocab] buffer beside the logits, where
+            # autograd through log_softmax and nll_loss would hold three.
+            dz = _cross_entropy_grad(z.detach(), t[start:start + chunk], scale, spec)
+            inputs = ([hc] if want_h else []) + trained
+            grads = torch.autograd.grad(z, inputs, grad_outputs=dz)
+            del z, dz, _out
+            if want_h:
+                grad_h[start:start + chunk] = grads[0]
+                grads = grads[1:]
+            grad_params = [g if acc is None else acc.add_(g) for acc, g in zip(grad_params, grads)]
         grads_by_input = iter(grad_params)
         tensor_grads = [next(grads_by_input) if needs[3 + i] else None for i in range(len(tensors))]
         return None, grad_h.view_as(hidden) if want_h else None, None, *tensor_grads
+
+
+def _cross_entropy_grad(z: torch.Tensor, target: torch.Tensor, scale: torch.Tensor, spec: _Spec) -> torch.Tensor:
+    """d(sum of cross_entropy(z, target, ignore_index, label_smoothing)) / dz, times ``scale``:
+    ``softmax(z) - (1 - eps) * onehot(target) - eps / V`` on the rows whose target is not ignored, 0 elsewhere."""
+    eps = spec.label_smoothing
+    grad = torch.softmax(z, dim=-1)
+    valid = target != spec.ignore_index
+    safe = torch.where(valid, target, 0).unsqueeze(1)
+    grad.scatter_add_(1, safe, torch.full_like(safe, -(1.0 - eps), dtype=grad.dtype))
+    if eps:
+        grad.sub_(eps / z.shape[-1])
+    return grad.mul_((valid.to(grad.dtype) * scale.to(grad.dtype)).unsqueeze(1))
 
 
 @dataclass

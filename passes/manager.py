@@ -10,7 +10,8 @@ anything; calling the pass returns a :class:`PassResult` (the shape of torch.fx.
   and lets the groups absorb them again after.
 
 The :class:`PassManager` runs, on every captured graph: narrowing (training graphs), the methods' passes
-in adapter order, the frozen model's speedups (kernel fusions, dropout), then absorption (last: the others look for the frozen ops).
+in adapter order, the frozen model's speedups (kernel fusions, dropout), then absorption (the others look for the frozen ops),
+then passes a model switches on into ``after`` (activation checkpointing, appended last: it cuts the finished graph).
 With ``debug=True`` (or ``ADAPTC_DEBUG_PASSES=1``) it lints the graph after every pass and checks that no
 pass but a removal dropped an adapted op use.
 """
@@ -76,6 +77,7 @@ NARROW = FunctionPass("narrow-rows", narrow.narrow_rows, modes={True})
 # cheaper dropout masks.
 FUSE_KERNELS = FunctionPass("fuse-kernels", speedups.fuse_kernels, modes={True})
 FAST_DROPOUT = FunctionPass("fast-dropout", speedups.fast_dropout)
+DROP_ASSERTIONS = FunctionPass("drop-assertions", speedups.drop_assertions, needs_frozen_ops=False)
 ABSORB = FunctionPass("absorb-bases", lora_fused.absorb_bases, needs_frozen_ops=False)
 # Grouped-query attention on un-repeated keys and values (evaluation graphs: generation reads the cache).
 GQA = FunctionPass("gqa-attention", gqa.use_gqa, modes={False}, needs_frozen_ops=False)
@@ -102,7 +104,7 @@ class PassManager:
     def __init__(self, before: list[GraphPass] | None = None, after: list[GraphPass] | None = None,
                  debug: bool | None = None) -> None:
         self.before = [NARROW] if before is None else before
-        self.after = [FUSE_KERNELS, FAST_DROPOUT, GQA, ABSORB] if after is None else after
+        self.after = [FUSE_KERNELS, FAST_DROPOUT, DROP_ASSERTIONS, GQA, ABSORB] if after is None else after
         self.debug = os.environ.get("ADAPTC_DEBUG_PASSES") == "1" if debug is None else debug
 
     def run(self, gm: fx.GraphModule, method_passes: Iterable[GraphPass]) -> list[tuple[GraphPass, PassResult]]:
@@ -115,9 +117,9 @@ class PassManager:
         when the pass needs them, and take them in again after."""
         if not isinstance(graph_pass, GraphPass):
             graph_pass = FunctionPass(getattr(graph_pass, "__name__", "pass"), graph_pass)
-        # Later passes that take frozen ops into themselves (``undo``: the chunked loss) give them back too.
+        # Later passes that take frozen ops into themselves (``undo``: chunked loss, checkpointing) give them back too.
         hiding = [p for p in self.after if hasattr(p, "undo") and p is not graph_pass] if graph_pass.needs_frozen_ops else []
-        for p in hiding:
+        for p in reversed(hiding):  # the last applied first
             p.undo(gm)
         if graph_pass.needs_frozen_ops:
             lora_fused.restore_bases(gm)

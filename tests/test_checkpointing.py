@@ -27,7 +27,7 @@ NO_DROPOUT = {
     "bert": dict(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0),
     "vit": dict(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0),
 }
-BLOCKS = {"llama": "model.layers", "gpt2": "transformer.h", "bert": "bert.encoder.layer", "vit": "vit.encoder.layer"}
+BLOCKS = {"llama": "model.layers", "gpt2": "transformer.h", "bert": "bert.encoder.layer", "vit": "vit.layers"}
 
 
 def batch_for(name: str) -> dict[str, torch.Tensor]:
@@ -104,7 +104,8 @@ def block_paths(am, batch) -> list[str]:
             if n.op == "call_module" and n.target.startswith(checkpoint.BLOCKS_ATTR + ".")]
 
 
-@pytest.fixture(scope="module", params=["llama", "gpt2", "bert", "vit"])
+@pytest.fixture(scope="module", params=[pytest.param(n, marks=pytest.mark.integration)
+                                        for n in ("llama", "gpt2", "bert", "vit")])
 def model(request):
     name = request.param
     am = lora(name)
@@ -118,9 +119,11 @@ def model(request):
 @pytest.mark.parametrize("policy", POLICIES)
 def test_gradients_and_loss_are_the_plain_ones(model, policy):
     name, am, batch, reference, _ = model
+    uses = adapted_uses(training_graph(am, batch))
     am.gradient_checkpointing_enable({"policy": policy})
     try:
         assert am.is_gradient_checkpointing
+        assert adapted_uses(training_graph(am, batch)) == uses  # the debug check counts inside the blocks
         assert block_paths(am, batch) == [f"{BLOCKS[name]}.0", f"{BLOCKS[name]}.1"]
         assert_same(reference, loss_and_grads(am, batch))
     finally:
@@ -136,10 +139,12 @@ def test_fewer_bytes_are_saved_and_disable_restores_the_plain_figure(model):
     am.gradient_checkpointing_disable()
     assert not am.is_gradient_checkpointing and block_paths(am, batch) == []
     assert figures["full"] < figures["selective"] < plain, (name, figures, plain)
+    assert figures["full"] < 0.25 * plain
     assert saved_bytes(am, batch) == plain
     assert_same(reference, loss_and_grads(am, batch), atol=0.0)  # the plain graph again, bit for bit
 
 
+@pytest.mark.integration
 def test_dropout_draws_the_same_masks_in_the_recompute():
     # Dropout everywhere: embeddings, attention, residuals, and the LoRA branches (one mask per group).
     am = lora("gpt2", dropout=0.1, resid_pdrop=0.1, embd_pdrop=0.1, attn_pdrop=0.1)
@@ -154,6 +159,7 @@ def test_dropout_draws_the_same_masks_in_the_recompute():
     assert_same(reference, loss_and_grads(am, batch, seed=7))
 
 
+@pytest.mark.integration
 def test_without_preserved_rng_the_recompute_draws_other_masks():
     am = lora("gpt2", dropout=0.1, resid_pdrop=0.1, embd_pdrop=0.1, attn_pdrop=0.1)
     batch = batch_for("gpt2")
@@ -164,6 +170,7 @@ def test_without_preserved_rng_the_recompute_draws_other_masks():
     assert max((grads[k] - reference[1][k]).abs().max().item() for k in grads) > 1e-4
 
 
+@pytest.mark.integration
 def test_reentrant_variant_gives_the_adapters_their_gradients():
     # Frozen embeddings: no input of the first block requires grad, yet its adapters get gradients.
     am = lora("llama")
@@ -183,6 +190,7 @@ def saved_bytes_plain(am, batch):
         am._set_checkpointing(current)
 
 
+@pytest.mark.integration
 def test_every_n_layers_checkpoints_every_nth_block():
     am = lora("llama", num_hidden_layers=4)
     batch = batch_for("llama")
@@ -192,6 +200,7 @@ def test_every_n_layers_checkpoints_every_nth_block():
     assert_same(reference, loss_and_grads(am, batch))
 
 
+@pytest.mark.integration
 def test_prefix_tuning():
     model = build("llama")
     batch = batch_for("llama")
@@ -206,6 +215,7 @@ def test_prefix_tuning():
         assert saved_bytes(am, batch) < plain
 
 
+@pytest.mark.integration
 def test_prompt_tuning():
     batch = batch_for("gpt2")
     am = adaptc.inject(build("gpt2"), "prompt", example_inputs=batch, num_virtual_tokens=4)
@@ -216,6 +226,7 @@ def test_prompt_tuning():
     assert_same(reference, loss_and_grads(am, batch))
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("policy", POLICIES)
 def test_lora_on_an_nf4_base(policy):
     batch = batch_for("llama")
@@ -233,6 +244,7 @@ def test_lora_on_an_nf4_base(policy):
     assert saved_bytes(am, batch) < plain
 
 
+@pytest.mark.integration
 def test_adapters_added_and_removed_while_enabled():
     am = lora("llama")
     batch = batch_for("llama")
@@ -253,6 +265,7 @@ def test_adapters_added_and_removed_while_enabled():
     assert_same(loss_and_grads(am, batch), got)
 
 
+@pytest.mark.integration
 def test_prefix_added_while_enabled():
     batch = batch_for("llama")
     am = adapt(build("llama"), Inputs((), batch), training=True)  # no adapter yet
@@ -264,18 +277,38 @@ def test_prefix_added_while_enabled():
     assert_same(loss_and_grads(am, batch), got)
 
 
+@pytest.mark.integration
 def test_the_recompute_sees_the_adapter_state_of_the_forward():
-    # One adapter per row (adapter_names) is set for the call only; the backward runs after it.
-    am = lora("llama")
+    # State that a call sets for its own length (disable_adapters) or that changes before the backward
+    # (eval(): LoRA dropout off) is put back around the recompute: the gradients are those of the call made.
+    am = lora("llama", dropout=0.2)
     am.add_adapter("other", r=4, alpha=8, init="gaussian")
-    batch = batch_for("llama")
-    rows = dict(adapter_names=["default", "other", "__base__"])
+    with torch.no_grad():
+        for p in am.adapters["other"].parameters():
+            p.normal_(0, 0.1)
     am.set_adapter(["default", "other"])
-    reference = loss_and_grads(am, batch, **rows)
-    am.gradient_checkpointing_enable()
-    assert_same(reference, loss_and_grads(am, batch, **rows))
+    am.train()
+    batch = batch_for("llama")
+
+    def run():
+        am.zero_grad(set_to_none=True)
+        torch.manual_seed(5)
+        with am.disable_adapters(["other"]):
+            loss = am(**batch).loss
+        am.eval()  # LoRA dropout would be off in a recompute that read the flags now
+        loss.backward()
+        am.train()
+        grads = {k: p.grad.clone() for k, p in am.named_parameters() if p.grad is not None}
+        assert grads and all(".other." not in k for k in grads)
+        return loss.detach(), grads
+
+    reference = run()
+    for policy in POLICIES:
+        am.gradient_checkpointing_enable({"policy": policy})
+        assert_same(reference, run())
 
 
+@pytest.mark.integration
 def test_eval_graphs_and_no_grad_calls_are_untouched():
     am = lora("gpt2")
     batch = batch_for("gpt2")
@@ -295,14 +328,17 @@ def block_paths_of_mode(am, batch):
     return [n for n in gm.graph.nodes if n.op == "call_module" and n.target.startswith(checkpoint.BLOCKS_ATTR + ".")]
 
 
+@pytest.mark.integration
 def test_graphs_captured_later_are_checkpointed():
     am = lora("llama")
     am.gradient_checkpointing_enable()
+    am._passes.debug = True  # ADAPTC_DEBUG_PASSES=1: lint and count adapted ops after every pass
     longer = {"input_ids": torch.randint(0, 64, (2, 5)), "attention_mask": torch.ones(2, 5, dtype=torch.long)}
     longer["labels"] = longer["input_ids"]
     assert block_paths(am, longer) == ["model.layers.0", "model.layers.1"]  # another input structure
 
 
+@pytest.mark.integration
 def test_adaptc_train_with_checkpointing():
     batches = [batch_for("llama")] * 4
     runs = {}
@@ -317,6 +353,7 @@ def test_adaptc_train_with_checkpointing():
     assert max((a - b).abs().max().item() for a, b in zip(runs[True][1], runs[False][1])) < 1e-5
 
 
+@pytest.mark.integration
 def test_inject_option():
     batch = batch_for("llama")
     am = adaptc.inject(build("llama"), "lora", example_inputs=batch, gradient_checkpointing="selective")
@@ -328,18 +365,25 @@ def test_inject_option():
 
 
 def test_settings_are_validated():
-    am = lora("llama")
+    make = checkpoint.make_settings
+    assert make(None) == checkpoint.CheckpointSettings("full", False, True, 1)
+    assert make({"use_reentrant": True}).use_reentrant and make({"policy": "selective"}).policy == "selective"
     with pytest.raises(ConfigError, match="'full' or 'selective'"):
-        am.gradient_checkpointing_enable({"policy": "all"})
+        make({"policy": "all"})
     with pytest.raises(ConfigError, match="'determinism'"):
-        am.gradient_checkpointing_enable({"determinism": "none"})
+        make({"determinism": "none"})
     with pytest.raises(ConfigError, match="non-reentrant"):
-        am.gradient_checkpointing_enable({"policy": "selective", "use_reentrant": True})
+        make({"policy": "selective", "use_reentrant": True})
     with pytest.raises(ConfigError, match="offload"):
-        am.activation_checkpointing_enable(offload=True)
-    assert not am.is_gradient_checkpointing
+        make(None, offload=True)
+    with pytest.raises(ConfigError, match="every_n_layers"):
+        make(None, every_n_layers=0)
+    assert checkpoint.checkpoint_kwargs(False) is None and checkpoint.checkpoint_kwargs(True) == {}
+    with pytest.raises(ConfigError, match="policy"):  # before the model is captured
+        adaptc.inject(Net(), "lora", example_inputs=(torch.randn(2, 5, 4),), gradient_checkpointing="some")
 
 
+@pytest.mark.integration
 def test_enable_input_require_grads_is_harmless():
     # transformers / PEFT call it for reentrant checkpointing; on the base model it would register a hook
     # on an embedding module that the captured graphs never call.
@@ -350,6 +394,7 @@ def test_enable_input_require_grads_is_harmless():
     assert not embeddings._forward_hooks
 
 
+@pytest.mark.integration
 def test_a_model_without_repeated_blocks_warns():
     class Small(torch.nn.Module):
         def __init__(self):
@@ -362,45 +407,123 @@ def test_a_model_without_repeated_blocks_warns():
     am = adaptc.inject(Small(), "lora", example_inputs=(torch.randn(2, 8),), r=2)
     am.train()
     am.graph_for(Inputs((torch.randn(2, 8),), {}))
-    with pytest.warns(UserWarning, match="no repeated blocks"):
+    with pytest.warns(UserWarning, match="no block to recompute"):
         am.gradient_checkpointing_enable()
 
 
-def test_blocks_of_a_custom_module_list():
-    class Block(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.norm, self.fc = torch.nn.LayerNorm(8), torch.nn.Linear(8, 8)
+class Block(torch.nn.Module):
+    def __init__(self, dropout):
+        super().__init__()
+        self.norm, self.fc1, self.fc2 = torch.nn.LayerNorm(16), torch.nn.Linear(16, 32), torch.nn.Linear(32, 16)
+        self.drop = torch.nn.Dropout(dropout)
 
-        def forward(self, x):
-            return x + torch.nn.functional.gelu(self.fc(self.norm(x)))
+    def forward(self, x):
+        return x + self.drop(self.fc2(torch.nn.functional.gelu(self.fc1(self.norm(x)))))
 
-    class Net(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.stem = torch.nn.Linear(4, 8)
-            self.blocks = torch.nn.ModuleList([Block() for _ in range(3)])
-            self.head = torch.nn.Linear(8, 1)
 
-        def forward(self, x):
-            x = self.stem(x)
-            for block in self.blocks:
-                x = block(x)
-            return self.head(x).sum()
+class Net(torch.nn.Module):
+    """A model of the user's own: a ModuleList of blocks between a stem and a head."""
 
-    x = torch.randn(5, 4)
-    am = adaptc.inject(Net(), "lora", example_inputs=(x,), r=2, init="gaussian", targets=".*")
+    def __init__(self, dropout=0.0):
+        super().__init__()
+        self.stem = torch.nn.Linear(4, 16)
+        self.blocks = torch.nn.ModuleList([Block(dropout) for _ in range(3)])
+        self.head = torch.nn.Linear(16, 1)
+
+    def forward(self, x):
+        x = self.stem(x)
+        for block in self.blocks:
+            x = block(x)
+        return self.head(x).square().mean()
+
+
+def custom_lora(dropout=0.0):
+    torch.manual_seed(0)
+    am = adaptc.inject(Net(dropout), "lora", example_inputs=(torch.randn(2, 5, 4),), r=2, alpha=4, init="gaussian",
+                       dropout=dropout)
+    with torch.no_grad():
+        for key, p in am.adapters.named_parameters():
+            if key.endswith("lora_B"):
+                p.normal_(0, 0.1)
     am.train()
-    reference = _custom_grads(am, x)
-    am.gradient_checkpointing_enable({"policy": "selective"})
-    gm = am.graph_for(Inputs((x,), {}))
-    assert [gm.get_submodule(n.target).path for n in gm.graph.nodes
-            if n.op == "call_module" and n.target.startswith(checkpoint.BLOCKS_ATTR)] == [f"blocks.{i}" for i in range(3)]
-    assert_same(reference, _custom_grads(am, x))
+    return am
 
 
-def _custom_grads(am, x):
+def custom_step(am, x, seed=0):
     am.zero_grad(set_to_none=True)
-    out = am(x)
-    out.backward()
-    return out.detach(), {k: p.grad.clone() for k, p in am.named_parameters() if p.requires_grad}
+    torch.manual_seed(seed)
+    loss = am(x)
+    loss.backward()
+    return loss.detach(), {k: p.grad.clone() for k, p in am.named_parameters() if p.requires_grad}
+
+
+def _saved(am, x):
+    weights = {t.untyped_storage().data_ptr() for t in [*am.parameters(), *am.buffers()]}
+    saved = {}
+
+    def pack(tensor):
+        if tensor.untyped_storage().data_ptr() not in weights:
+            saved[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = am(x)
+    loss.backward()
+    am.zero_grad(set_to_none=True)
+    return sum(saved.values())
+
+
+def test_blocks_of_a_custom_module_list():
+    am = custom_lora()
+    x = torch.randn(8, 6, 4)
+    reference, plain = custom_step(am, x), _saved(am, x)
+    figures = {}
+    for policy in POLICIES:
+        am.gradient_checkpointing_enable({"policy": policy})
+        gm = am.graph_for(Inputs((x,), {}))
+        assert [gm.get_submodule(n.target).path for n in gm.graph.nodes
+                if n.op == "call_module" and n.target.startswith(checkpoint.BLOCKS_ATTR)] == ["blocks.0", "blocks.1",
+                                                                                           "blocks.2"]
+        assert_same(reference, custom_step(am, x))
+        figures[policy] = _saved(am, x)
+    assert figures["full"] < figures["selective"] < plain, (figures, plain)
+    am.gradient_checkpointing_disable()
+    assert _saved(am, x) == plain
+    assert_same(reference, custom_step(am, x), atol=0.0)
+
+
+def test_dropout_in_a_custom_module_list_draws_the_same_masks():
+    am = custom_lora(dropout=0.2)  # the blocks' own dropout and the LoRA branches'
+    x = torch.randn(8, 6, 4)
+    reference = custom_step(am, x, seed=3)
+    assert (custom_step(am, x, seed=4)[0] - reference[0]).abs() > 1e-4
+    for kwargs in ({"policy": "full"}, {"policy": "selective"}, {"use_reentrant": True}):
+        am.gradient_checkpointing_enable(kwargs)
+        assert_same(reference, custom_step(am, x, seed=3))
+
+
+def test_selective_policy_keeps_a_gemm_with_its_in_place_write_and_refuses_a_read_before_it():
+    from torch.utils.checkpoint import checkpoint as torch_checkpoint
+
+    x, w, b = torch.randn(4, 3, requires_grad=True), torch.randn(3, 5, requires_grad=True), torch.randn(5)
+
+    def written(x, w):  # a LoRA group's pattern: a GEMM's output, then added into in place
+        y = x @ w
+        y.add_(b)
+        return torch.tanh(y).sum()
+
+    def read_first(x, w):
+        y = x @ w
+        z = y.sum()  # recomputed: it would read y after the write
+        y.add_(b)
+        return (torch.tanh(y) + z).sum()
+
+    for fn in (written, read_first):
+        want = torch.autograd.grad(fn(x, w), (x, w))
+        if fn is written:
+            got = torch.autograd.grad(torch_checkpoint(fn, x, w, use_reentrant=False,
+                                                       context_fn=checkpoint._selective_contexts), (x, w))
+            assert all(torch.allclose(a, g) for a, g in zip(want, got))
+        else:
+            with pytest.raises(RuntimeError, match="policy='full'"):
+                torch_checkpoint(fn, x, w, use_reentrant=False, context_fn=checkpoint._selective_contexts)

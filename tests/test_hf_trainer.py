@@ -155,8 +155,21 @@ def test_save_pretrained_is_save_adapter(am, tmp_path):
     assert (tmp_path / "a" / "adapter_config.json").is_file()
     assert am.save_pretrained(tmp_path / "b", is_main_process=False) == []
     assert not (tmp_path / "b").exists()
-    with pytest.raises(adaptc.ConfigError, match="gradient checkpointing"):
-        am.gradient_checkpointing_enable()
+
+
+def test_gradient_checkpointing_trains_the_same_steps(am, runs, tmp_path):
+    # TrainingArguments(gradient_checkpointing=True): the Trainer calls am.activation_checkpointing_enable;
+    # the adapted graphs recompute each GPT-2 block in the backward, and the steps are the plain ones.
+    reset(am, runs["start"])
+    try:
+        trainer = run(am, tmp_path, batch=4, accumulate=1, steps=STEPS, gradient_checkpointing=True)
+        assert am.is_gradient_checkpointing and trainer.model.is_activation_checkpointing
+        calls = [n for n in am.graph_module.graph.nodes if n.op == "call_module" and "checkpoint_blocks" in n.target]
+        assert len(calls) == 2  # transformer.h.0 and transformer.h.1
+    finally:
+        am.gradient_checkpointing_disable()
+    worst = max((a - b).abs().max().item() for a, b in zip(snapshot(am), runs["after_full"]))
+    assert worst < 1e-5
 
 
 @pytest.mark.integration
