@@ -77,7 +77,7 @@ NARROW = FunctionPass("narrow-rows", narrow.narrow_rows, modes={True})
 # cheaper dropout masks.
 FUSE_KERNELS = FunctionPass("fuse-kernels", speedups.fuse_kernels, modes={True})
 FAST_DROPOUT = FunctionPass("fast-dropout", speedups.fast_dropout)
-DROP_ASSERTIONS = FunctionPass("drop-assertions", speedups.drop_assertions, needs_frozen_ops=False)
+DROP_NO_OPS = FunctionPass("drop-no-ops", speedups.drop_no_ops, needs_frozen_ops=False)
 ABSORB = FunctionPass("absorb-bases", lora_fused.absorb_bases, needs_frozen_ops=False)
 # Grouped-query attention on un-repeated keys and values (evaluation graphs: generation reads the cache).
 GQA = FunctionPass("gqa-attention", gqa.use_gqa, modes={False}, needs_frozen_ops=False)
@@ -104,7 +104,7 @@ class PassManager:
     def __init__(self, before: list[GraphPass] | None = None, after: list[GraphPass] | None = None,
                  debug: bool | None = None) -> None:
         self.before = [NARROW] if before is None else before
-        self.after = [FUSE_KERNELS, FAST_DROPOUT, DROP_ASSERTIONS, GQA, ABSORB] if after is None else after
+        self.after = [FUSE_KERNELS, DROP_NO_OPS, FAST_DROPOUT, GQA, ABSORB] if after is None else after
         self.debug = os.environ.get("ADAPTC_DEBUG_PASSES") == "1" if debug is None else debug
 
     def run(self, gm: fx.GraphModule, method_passes: Iterable[GraphPass]) -> list[tuple[GraphPass, PassResult]]:

@@ -22,8 +22,8 @@ to the graphs adaptc captures:
   way; measured on the CPU, q and k of [8, 4, 128, 64], forward + backward: 3.2 ms against 7.1).
   Training graphs only.
 
-* **dtype assertions**: export's ``aten._assert_tensor_metadata`` checks, erased (a graph only runs
-  inputs of the dtypes it was captured for): a call fewer per input at every step.
+* **no-ops**: export's dtype assertions, casts to the dtype a tensor already has, evaluation
+  dropout: erased (:func:`drop_no_ops`), a Python call fewer each at every step.
 
 Under ``torch.compile`` / ``torch.export`` (ONNX) :func:`dropout` is plain ``F.dropout`` and
 :func:`rotary` the formula written out.
@@ -75,21 +75,44 @@ def fuse_kernels(gm: fx.GraphModule) -> int:
     The pass manager runs it on training graphs only: the fused kernels round differently (~1e-7),
     and an evaluation graph with a zero adapter stays bit-identical to the base model.
     """
-    return _fuse_tanh_gelu(gm.graph) + _fuse_rms_norm(gm) + _fuse_rotary(gm.graph)
+    return (_fuse_tanh_gelu(gm.graph) + _fuse_rms_norm(gm) + _fuse_rotary(gm.graph)
+            + _share_attention_mask(gm.graph))
 
 
-def drop_assertions(gm: fx.GraphModule) -> int:
-    """Erase export's dtype assertions (``aten._assert_tensor_metadata``); returns how many.
+def drop_no_ops(gm: fx.GraphModule) -> int:
+    """Erase nodes that compute nothing at run time; returns how many.
 
-    A graph is only ever called with inputs of the dtypes it was captured for (AdaptedModel
-    captures again for others), so they can never fail; each is a call at every step.
+    - export's dtype assertions (``aten._assert_tensor_metadata``): a graph only ever runs inputs
+      of the dtypes it was captured for (AdaptedModel captures again for others);
+    - casts to the dtype a tensor already has (``aten.to`` without ``copy=True``: it returns its input);
+    - dropout with ``train=False`` (an evaluation graph's).
+
+    Each is a Python call at every step of generation.
     """
     count = 0
     for node in list(gm.graph.nodes):
-        if node.op == "call_function" and node.target is aten._assert_tensor_metadata.default and not node.users:
+        if node.op != "call_function":
+            continue
+        if node.target is aten._assert_tensor_metadata.default and not node.users:
+            gm.graph.erase_node(node)
+            count += 1
+        elif _same(node):
+            node.replace_all_uses_with(node.args[0])
             gm.graph.erase_node(node)
             count += 1
     return count
+
+
+def _same(node: fx.Node) -> bool:
+    """Whether ``node`` returns its first argument unchanged (see drop_no_ops)."""
+    if node.target is aten.dropout.default:
+        train = node.kwargs.get("train", node.args[2] if len(node.args) > 2 else None)
+        return train is False
+    if node.target is not aten.to.dtype or node.kwargs.get("copy") or (len(node.args) > 3 and node.args[3]):
+        return False
+    source, dtype = node.args[0], node.kwargs.get("dtype", node.args[1] if len(node.args) > 1 else None)
+    value = source.meta.get("val") if isinstance(source, fx.Node) else None
+    return isinstance(value, torch.Tensor) and value.dtype == dtype and node.kwargs.get("memory_format") is None
 
 
 def fast_dropout(gm: fx.GraphModule) -> int:
@@ -374,3 +397,58 @@ def _fuse_rotary(graph: fx.Graph) -> int:
                 graph.erase_node(old)
         count += 1
     return count
+
+
+# --- attention masks ----------------------------------------------------------------------------
+
+def attention_mask(mask: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor | None, bool]:
+    """What every attention op of a step takes for the boolean mask ``mask``: ``(None, True)`` when it is
+    the plain causal triangle (SDPA's ``is_causal``: no mask kept, masked blocks skipped), else
+    ``(float mask, False)``, the additive mask SDPA would make from it (0 where kept, -inf elsewhere).
+
+    SDPA turns a boolean mask into a float [batch, 1, query, key] tensor in every layer and keeps that
+    copy for the backward: one per layer, each as large as the attention scores of one head."""
+    if (not torch.compiler.is_compiling() and mask.dim() >= 2 and mask.shape[-1] == mask.shape[-2]
+            and torch.equal(mask, _causal(mask.shape[-1], mask.device).expand_as(mask))):
+        return None, True
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf")), False
+
+
+def _causal(size: int, device: torch.device) -> torch.Tensor:
+    return torch.ones(size, size, dtype=torch.bool, device=device).tril_()
+
+
+torch.fx.wrap("attention_mask")
+
+_SDPA_NAMES = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale")
+
+
+def _share_attention_mask(graph: fx.Graph) -> int:
+    """Attention ops with one boolean mask (a transformers model's causal mask, made once and passed to
+    every layer) take it through :func:`attention_mask`, computed once: ``is_causal`` where it is the
+    causal triangle, else one shared float mask instead of one kept per layer. The same math."""
+    groups: dict[tuple[fx.Node, torch.dtype], list[fx.Node]] = {}
+    for node in graph.nodes:
+        if node.op != "call_function" or node.target not in (aten.scaled_dot_product_attention.default,
+                                                             F.scaled_dot_product_attention):
+            continue
+        bound = dict(zip(_SDPA_NAMES, node.args)) | {k: v for k, v in node.kwargs.items() if k in _SDPA_NAMES}
+        mask, query = bound.get("attn_mask"), bound.get("query")
+        if (set(node.kwargs) - set(_SDPA_NAMES) or bound.get("is_causal") or not isinstance(mask, fx.Node)
+                or _dtype(mask) is not torch.bool or _dtype(query) not in (torch.float32, torch.float16, torch.bfloat16)):
+            continue
+        groups.setdefault((mask, _dtype(query)), []).append(node)
+    for (mask, dtype), nodes in groups.items():
+        with graph.inserting_after(mask):
+            shared = graph.call_function(attention_mask, (mask, dtype))
+        with graph.inserting_after(shared):
+            float_mask = graph.call_function(operator.getitem, (shared, 0))
+        with graph.inserting_after(float_mask):
+            causal = graph.call_function(operator.getitem, (shared, 1))
+        for new in (shared, float_mask, causal):
+            new.meta = {k: v for k, v in mask.meta.items() if k in ("nn_module_stack", "stack_trace")}
+        for node in nodes:
+            bound = dict(zip(_SDPA_NAMES, node.args)) | dict(node.kwargs)
+            node.args = (bound["query"], bound["key"], bound["value"], float_mask, bound.get("dropout_p", 0.0), causal)
+            node.kwargs = {k: v for k, v in bound.items() if k not in _SDPA_NAMES[:6]}
+    return sum(len(nodes) for nodes in groups.values())
