@@ -56,6 +56,7 @@ from bench_lora_train import cpu_name, write_results  # noqa: E402
 HERE = Path(__file__).resolve().parent
 TARGET_PEFT, TARGET_MERGED, TARGET_MIXED = 0.9, 1.15, 0.7
 VARIANTS = ("adaptc unmerged", "PEFT unmerged", "merged")
+LOAD: list[float] = []  # the 1-minute load average after each round: other jobs on the cores skew wall times
 
 
 # --- models and adapters ---------------------------------------------------------------------------
@@ -160,19 +161,21 @@ def variants(family: str, args: argparse.Namespace, workdir: Path) -> tuple[dict
 
 # --- measuring -------------------------------------------------------------------------------------
 
-def measure(steps: dict[str, Callable], rounds: int) -> tuple[dict[str, float], dict[str, float], dict[str, list]]:
+def measure(steps: dict[str, Callable], rounds: int, clock: Callable[[], float] = time.perf_counter,
+            ) -> tuple[dict[str, float], dict[str, list[float]], dict[str, torch.Tensor]]:
     """First-call seconds, the rounds' times (seconds per call, interleaved) and each variant's output."""
     first, outputs = {}, {}
     for name, step in steps.items():  # warm-up: adaptc captures its prefill and one-token graphs here
-        start = time.perf_counter()
+        start = clock()
         outputs[name] = step()
-        first[name] = time.perf_counter() - start
+        first[name] = clock() - start
     times: dict[str, list[float]] = {name: [] for name in steps}
     for _ in range(rounds):
         for name, step in steps.items():
-            start = time.perf_counter()
+            start = clock()
             step()
-            times[name].append(time.perf_counter() - start)
+            times[name].append(clock() - start)
+        LOAD.append(os.getloadavg()[0])
     return first, times, outputs
 
 
@@ -240,14 +243,16 @@ def notes_line(results: dict) -> str:
 
 
 def git_commit() -> str:
+    """HEAD's short hash, and the files of adaptc/, passes/ and targets/ that differ from it (others may be
+    editing them): taken before the models are built, as the code that runs is imported then."""
     def git(*command: str) -> subprocess.CompletedProcess:
-        return subprocess.run(["git", *command], cwd=HERE, capture_output=True, text=True, check=False)
+        return subprocess.run(["git", *command], cwd=HERE.parent, capture_output=True, text=True, check=False)
 
     head = git("rev-parse", "--short", "HEAD")
     if head.returncode:
         return "unknown"
-    dirty = git("diff", "--quiet", "HEAD", "--", "adaptc", "passes", "targets").returncode
-    return head.stdout.strip() + (" with local changes in adaptc/, passes/ or targets/" if dirty else "")
+    changed = git("diff", "--name-only", "HEAD", "--", "adaptc", "passes", "targets").stdout.split()
+    return head.stdout.strip() + (f" with uncommitted changes to {', '.join(changed)}" if changed else "")
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
@@ -267,8 +272,11 @@ def parse(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--mixed-adapters", type=int, default=4)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--cpu-time", action="store_true",
+                        help="time with this thread's CPU clock (with --threads 1: robust to a busy machine)")
     parser.add_argument("--quick", action="store_true", help="smoke run: prompt 16, 16 new tokens, 1 round")
-    parser.add_argument("--out", help="results file (default bench/RESULTS-generate.md; --quick: bench/quick-generate.md)")
+    parser.add_argument("--out", help="results file (default bench/RESULTS-generate.md; "
+                        "--quick: bench/quick-generate.md)")
     args = parser.parse_args(argv)
     if args.quick:
         args.prompt, args.new_tokens, args.rounds = 16, 16, 1
@@ -282,20 +290,25 @@ def parse(argv: list[str]) -> argparse.Namespace:
 def main() -> None:
     argv = sys.argv[1:]
     args = parse(argv)
+    if args.cpu_time and args.threads != 1:
+        raise SystemExit("--cpu-time measures one thread: use it with --threads 1")
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
-    load_before = os.getloadavg()
+    LOAD.append(os.getloadavg()[0])
+    commit = git_commit()
+    import adaptc  # noqa: F401  (imported now: the code the commit above describes)
+
     results = {}
     for family in args.models.split(","):
         print(f"{family}: injecting, loading into PEFT, warming up ...", file=sys.stderr, flush=True)
         with tempfile.TemporaryDirectory() as workdir:
             steps, notes = variants(family, args, Path(workdir))
             print(f"{family}: {len(steps)} variants x {args.rounds} rounds ...", file=sys.stderr, flush=True)
-            results[family] = (*measure(steps, args.rounds), notes)
-    load_after = os.getloadavg()
+            clock = time.thread_time if args.cpu_time else time.perf_counter
+            results[family] = (*measure(steps, args.rounds, clock), notes)
     text = tables(results, args) + "\n\n" + notes_line(results)
     print(text)
     import peft
@@ -304,14 +317,16 @@ def main() -> None:
     header = (
         f"# Generation: adaptc am.generate vs PEFT generate vs the merged model\n\n"
         f"`python bench/bench_generate.py {' '.join(argv)}`\n\n"
-        f"{datetime.date.today().isoformat()}, commit {git_commit()}. {args.layers} layers, hidden {args.hidden}, "
+        f"{datetime.date.today().isoformat()}, commit {commit}. {args.layers} layers, hidden {args.hidden}, "
         f"{args.heads} heads (Llama: {args.kv_heads} key/value heads, MLP {args.intermediate}), vocab {args.vocab}; "
         f"LoRA all-linear r={args.r}, lora_B random. Prompt {args.prompt} tokens, {args.new_tokens} new tokens "
-        f"(greedy, no early stop), ms per new token = wall time of one generate call / new tokens, prefill "
+        f"(greedy, no early stop), ms per new token = {'thread CPU' if args.cpu_time else 'wall'} time of one "
+        f"generate call / new tokens, prefill "
         f"included; medians of {args.rounds} interleaved rounds after one warm-up call each (\"first call s\", "
-        f"which for adaptc includes capturing its generation graphs). {args.threads} threads, OMP_WAIT_POLICY="
-        f"{os.environ.get('OMP_WAIT_POLICY')}; load average (1 min) {load_before[0]:.2f} before, "
-        f"{load_after[0]:.2f} after ({os.cpu_count()} CPUs). torch {torch.__version__}, transformers "
+        f"which for adaptc includes capturing its generation graphs). "
+        f"{args.threads} thread{'s' if args.threads > 1 else ''}, OMP_WAIT_POLICY="
+        f"{os.environ.get('OMP_WAIT_POLICY')}; 1-minute load average {LOAD[0]:.2f} at the start, "
+        f"{min(LOAD):.2f}-{max(LOAD):.2f} over the rounds ({os.cpu_count()} CPUs). torch {torch.__version__}, transformers "
         f"{transformers.__version__}, peft {peft.__version__}, Python {platform.python_version()}, "
         f"{platform.machine()}, {cpu_name()}.\n\n"
     )
