@@ -87,6 +87,18 @@ def _cache_parameter(base: Any) -> str | None:
     return next((name for name in _CACHE_NAMES if name in parameters), None)
 
 
+def cache_keywords(base: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """``kwargs`` with transformers' deprecated ``past_key_values=`` passed as ``cache=`` where the
+    model's forward takes ``cache`` (transformers renames it inside a decorator, which torch.export's
+    guards on the call's keywords do not survive)."""
+    if "past_key_values" in kwargs and "cache" not in kwargs and _cache_parameter(base) == "cache":
+        kwargs = dict(kwargs)
+        kwargs["cache"] = kwargs.pop("past_key_values")
+    if kwargs.get("cache") is not None:
+        _register_cache_for_export()  # a graph takes the cache's tensors as inputs
+    return kwargs
+
+
 def _supported_layers(cache: Any) -> bool:
     from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 
@@ -151,10 +163,7 @@ class CachedSteps:
             inputs = self._after_virtual_tokens(inputs)
             suspended = self._am.edits_suspended(self._prefill_edits)
         with suspended:
-            output = self._am(**inputs)
-        _adopt(cache, output[self._cache_name if self._cache_name in output else "cache"])
-        output[self._cache_name if self._cache_name in output else "cache"] = cache
-        return output
+            return self._am(**inputs)  # AdaptedModel.forward grows ``cache`` in place (keep_callers_cache)
 
     def _after_virtual_tokens(self, inputs: dict[str, Any]) -> dict[str, Any]:
         count = self._virtual_tokens
@@ -167,12 +176,30 @@ class CachedSteps:
         return inputs
 
 
+def keep_callers_cache(kwargs: dict[str, Any], output: Any) -> Any:
+    """After a graph call given a cache: the caller's cache object holds the grown keys and values and
+    is the one in the output, as when transformers' own forward updates it in place (a loop that
+    passes the same cache object at every step stays right)."""
+    given = kwargs.get("cache")
+    if given is None or not hasattr(output, "keys"):
+        return output
+    name = next((n for n in _CACHE_NAMES if n in output.keys()), None)
+    if name is None or output[name] is None or output[name] is given:
+        return output
+    _adopt(given, output[name])
+    output[name] = given
+    return output
+
+
 def _adopt(cache: Any, grown: Any) -> None:
     """Make ``cache`` hold ``grown``'s keys and values (the graph returned a new cache object;
     generate and the caller hold the one they passed)."""
     if grown is cache:
         return
+    cache.layers.extend(grown.layers[len(cache.layers):])  # a cache made without a config grows layers lazily
     for layer, new in zip(cache.layers, grown.layers):
+        if layer is new or new.keys is None:
+            continue
         added = new.keys.shape[-2] - (layer.keys.shape[-2] if layer.is_initialized and layer.keys is not None else 0)
         if not layer.is_initialized:
             layer.lazy_initialization(new.keys, new.values)

@@ -12,7 +12,7 @@ from typing import Any
 
 from torch import nn
 
-from . import base_guard, mixed_batch
+from . import base_guard, cached_generation, mixed_batch
 from .capture import CapturedGraphModule
 from .checkpoint import load_into, save_adapter
 from .checkpoint_files import check_new_name
@@ -432,9 +432,15 @@ class AdaptedModel(nn.Module):
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         adapter_names = kwargs.pop("adapter_names", None)  # PEFT's: one adapter per row (adaptc/mixed_batch.py)
+        if "past_key_values" in kwargs or "cache" in kwargs:  # a key/value cache of transformers
+            kwargs = cached_generation.cache_keywords(self.base_model, kwargs)
         if adapter_names is not None:
-            return self._mixed_forward(adapter_names, args, kwargs)
-        return self.graph_for(Inputs(args, kwargs))(*args, **kwargs)
+            output = self._mixed_forward(adapter_names, args, kwargs)
+        else:
+            output = self.graph_for(Inputs(args, kwargs))(*args, **kwargs)
+        if "cache" in kwargs:  # a graph returns a new cache; the caller's object grows as in transformers
+            output = cached_generation.keep_callers_cache(kwargs, output)
+        return output
 
     def _apply(self, fn, recurse=True):
         super()._apply(fn, recurse)

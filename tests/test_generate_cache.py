@@ -226,3 +226,28 @@ def test_grouped_query_attention_reads_the_cache_without_repeating_it():
     assert sorted(rewritten) == [0, 2, 2]  # the example's graph keeps its op; prefill and one-token graphs
     assert torch.equal(got, am.generate(input_ids=ids, max_new_tokens=5, min_new_tokens=5, do_sample=False,
                                         use_cache=False))
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+@pytest.mark.parametrize("keyword", ["cache", "past_key_values"])
+def test_a_users_own_decoding_loop_with_one_cache_object(family, keyword):
+    """A loop that passes the same cache object at every step (transformers grows it in place), under
+    either keyword: each step's logits equal the whole-sequence forward's."""
+    from transformers import DynamicCache
+
+    torch.manual_seed(0)
+    model = FAMILIES[family]().eval()
+    ids = torch.randint(3, 90, (2, 6))
+    am = adaptc.inject(model, "lora", example_inputs={"input_ids": ids}, r=4)
+    randomise(am)
+    am.eval()
+    cache = DynamicCache()
+    sequence, step_ids = ids, ids
+    with torch.no_grad():
+        for _ in range(4):
+            out = am(input_ids=step_ids, **{keyword: cache}, use_cache=True)
+            whole = am(input_ids=sequence).logits[:, -1]
+            torch.testing.assert_close(out.logits[:, -1], whole, atol=1e-5, rtol=1e-5)
+            step_ids = out.logits[:, -1:].argmax(-1)
+            sequence = torch.cat([sequence, step_ids], dim=1)
+    assert cache.get_seq_length() == sequence.shape[1] - 1
