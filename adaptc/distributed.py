@@ -7,19 +7,22 @@ what the wrappers cannot know:
 
 - :func:`save_adapter`: rank 0 writes the checkpoint (atomically, as ``am.save_adapter`` does),
   the others wait for it, and an error on rank 0 is raised on every rank instead of hanging.
-- :func:`fully_shard_adapted`: FSDP2 replaces parameters with sharded ones and swaps in the
-  unsharded ones around each forward; the captured graphs hold parameter references of their
-  own, so they must be pointed at the live ones before each call.
+- :func:`fully_shard_adapted`: FSDP2, one unit per repeated block plus the root. FSDP replaces
+  parameters with sharded ones and swaps in the unsharded ones around each unit's forward; the
+  captured graphs never call the blocks' forward and hold parameter references of their own, so
+  nodes at each block's boundaries in the graphs run the unit's gather and free and point the
+  graph at the live parameters.
 - :func:`adapters_in_sync`: the largest difference between this rank's adapters and rank 0's.
 - :func:`launch_torchrun`: what ``adaptc train --nproc N`` runs.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -132,16 +135,28 @@ def adapters_in_sync(model: nn.Module) -> float:
     return float(worst)
 
 
-def fully_shard_adapted(model: nn.Module, **fsdp_options: Any) -> nn.Module:
+def fully_shard_adapted(model: nn.Module, *, per_block: bool = True, **fsdp_options: Any) -> nn.Module:
     """Apply FSDP2 (``torch.distributed.fsdp.fully_shard``) to an AdaptedModel; returns it.
 
-    The whole AdaptedModel is one FSDP unit: the frozen base weights and the adapters are
-    sharded across ranks between steps and gathered for each forward and backward (the
-    captured graphs flatten the model, so per-block units would never see their forward
-    called). Adapter parameters are broadcast from rank 0 first, as DDP does, so ranks that
-    initialised adapters differently still train one adapter; the base weights must already
-    be identical on every rank (loaded from one checkpoint). ``fsdp_options`` go to
-    ``fully_shard`` (``mesh``, ``reshard_after_forward``, ``mp_policy``, ...).
+    With ``per_block`` (the default) each repeated block of the base model (the children of its
+    layer list: ``model.layers.N``, ``transformer.h.N``, ``encoder.layer.N``, found from the
+    captured graphs as gradient checkpointing finds them) is an FSDP unit of its own, and the
+    AdaptedModel (embeddings, head, final norm, adapters) is the root unit. The captured graphs
+    never call a block's ``forward``, so FSDP's module hooks would not fire: a node inserted before
+    each block's region of the graph runs the unit's pre-forward (all-gather its weights, point the
+    graph at them) and one after it runs the post-forward (free them again, and register the
+    pre-backward all-gather on the block's outputs); the backward gathers each block again, in
+    reverse order, while its gradients are computed. A step so holds one block's gathered weights at
+    a time (plus one prefetched in the backward) besides the root's. ``per_block=False`` (or a model
+    without repeated blocks) makes the whole model one unit: every weight gathered for the step.
+    A quantized base (NF4 / int8, ``passes/quantize.py``) shards the same way: a ``QuantLinear``'s
+    packed weight is a (uint8) parameter, gathered and freed with its block; its scales are buffers,
+    which FSDP leaves whole on every rank.
+
+    Adapter parameters are broadcast from rank 0 first, as DDP does, so ranks that initialised
+    adapters differently still train one adapter; the base weights must already be identical on
+    every rank (loaded from one checkpoint). ``fsdp_options`` go to every ``fully_shard`` call
+    (``mesh``, ``reshard_after_forward``, ``mp_policy``, ...).
     """
     from torch.distributed.fsdp import FSDPModule, fully_shard
 
@@ -158,25 +173,203 @@ def fully_shard_adapted(model: nn.Module, **fsdp_options: Any) -> nn.Module:
         )
     if not any(p.requires_grad for p in am.parameters()):
         raise ConfigError("the AdaptedModel has no trainable parameter: add or activate an adapter first")
+    blocks = _block_units(am) if per_block else {}
     with torch.no_grad():
         for p in am.adapters.parameters():
             dist.broadcast(p.data, src=0)
+    for block in blocks.values():
+        fully_shard(block, **fsdp_options)
     fully_shard(am, **fsdp_options)
 
-    cache: dict[tuple, list[tuple[nn.Module, str, nn.Module]]] = {}
+    cache: dict[tuple, tuple[list, dict[str, list]]] = {}
+    live: dict[str, list[tuple[nn.Module, str, nn.Module]]] = {}  # block path -> its bindings, for _BlockBoundary
+    boundaries = {path: _BlockBoundary(path, block, live) for path, block in blocks.items()}
 
-    def point_graphs_at_live_parameters(module: nn.Module, args: Any, kwargs: Any) -> None:
-        # Runs after FSDP's own pre-forward hook (registered first, with prepend), which unsharded them.
-        # Graphs captured inside a forward read the unsharded parameters already; the table is rebuilt then.
-        key = tuple((id(g), len(g._adaptc_graphs)) for g in am._all_graphs())
+    def point_graphs_at_live_parameters(*_: Any) -> None:
+        # Runs after FSDP's own pre-forward hook (registered first, with prepend), which unsharded the root unit,
+        # and after each capture. The table is rebuilt when graphs were captured or edited; new graphs get
+        # their block boundaries first.
+        key = tuple((id(g), len(g._adaptc_graphs), id(g.graph), len(g.graph.nodes)) for g in am._all_graphs())
         if key not in cache:
             cache.clear()
-            cache[key] = _parameter_bindings(am)
-        for holder, leaf, owner in cache[key]:
+            if boundaries:
+                for graph in am._all_graphs():
+                    _instrument(graph, boundaries)
+                key = tuple((id(g), len(g._adaptc_graphs), id(g.graph), len(g.graph.nodes)) for g in am._all_graphs())
+            cache[key] = _split_bindings(_parameter_bindings(am), blocks)
+        root, by_block = cache[key]
+        live.clear()
+        live.update(by_block)
+        for holder, leaf, owner in root:  # the blocks' parameters are pointed at when their unit is gathered
             holder._parameters[leaf] = owner._parameters[leaf]
 
     am.register_forward_pre_hook(point_graphs_at_live_parameters, with_kwargs=True)
+    if blocks:
+        capture_context = am._capture_context
+
+        @contextlib.contextmanager
+        def capture_with_weights_gathered(edits: tuple[str, ...]) -> Iterator[None]:
+            # A capture runs the base model eagerly: its blocks' weights must be whole (a collective, as every
+            # rank captures alike) and their FSDP hooks out of the way, or export traces FSDP itself.
+            with capture_context(edits), _units_gathered([*blocks.values(), am]):
+                yield
+
+        am._capture_context = capture_with_weights_gathered
+        graph_for = am.graph_for
+
+        def graph_with_boundaries(inputs: Any) -> Any:
+            graph = graph_for(inputs)  # a graph captured just now must not run before it has its boundaries
+            point_graphs_at_live_parameters()
+            return graph
+
+        am.graph_for = graph_with_boundaries
     return am
+
+
+@contextlib.contextmanager
+def _units_gathered(units: list[nn.Module]) -> Iterator[None]:
+    """Every FSDP unit of ``units`` gathered, and its forward hooks suspended; as they were afterwards."""
+    sharded, hooks = [], []
+    try:
+        for unit in units:
+            state = unit._get_fsdp_state()
+            if not all(group.is_unsharded for group in state._fsdp_param_groups):
+                sharded.append(unit)
+            unit.unshard()
+            for table in (unit._forward_pre_hooks, unit._forward_hooks):
+                hooks.append((table, dict(table)))
+                for handle in (state._pre_forward_hook_handle, state._post_forward_hook_handle):
+                    table.pop(handle.id, None)
+        yield
+    finally:
+        for table, saved in hooks:
+            table.clear()
+            table.update(saved)
+        for unit in sharded:
+            unit.reshard()
+
+
+def _block_units(am: Any) -> dict[str, nn.Module]:
+    """The base model's repeated blocks (path -> module), as the checkpointing pass finds them in the graphs."""
+    from .passes import checkpoint as checkpointing
+
+    paths: list[str] = []
+    for graph in am._all_graphs():
+        for mode_graph in graph._adaptc_graphs.values():
+            for path, _ in _block_regions(mode_graph, checkpointing):
+                if path not in paths:
+                    paths.append(path)
+    units: dict[str, nn.Module] = {}
+    for path in paths:
+        try:
+            units[path] = am.base_model.get_submodule(path)
+        except AttributeError:
+            continue
+    return units
+
+
+def _block_regions(graph: Any, checkpointing: Any) -> list[tuple[str, list[Any]]]:
+    """(block path, its nodes in graph order) for each block of ``graph``: a run of nodes, or the one call
+    of a block that gradient checkpointing wrapped."""
+    regions = [(path, [n for n in run if n.op != "get_attr"]) for path, run in checkpointing.find_blocks(graph)]
+    regions += [(n.meta["adaptc_checkpoint_block"], [n]) for n in graph.nodes
+                if n.op == "call_module" and "adaptc_checkpoint_block" in n.meta]
+    return [(path, nodes) for path, nodes in regions if nodes]
+
+
+class _BlockBoundary:
+    """The entry and exit of one block's region of the graphs: FSDP's pre- and post-forward of its unit."""
+
+    def __init__(self, path: str, block: nn.Module, live: dict[str, list]) -> None:
+        self.path, self.block, self.live = path, block, live
+
+        def fsdp_block_enter(*inputs: Any) -> tuple:
+            args, _ = self.block._get_fsdp_state()._pre_forward(self.block, inputs, {})
+            for holder, leaf, owner in self.live.get(self.path, ()):
+                holder._parameters[leaf] = owner._parameters[leaf]  # the gathered parameter
+            return tuple(args)
+
+        def fsdp_block_exit(outputs: tuple) -> tuple:
+            return tuple(self.block._get_fsdp_state()._post_forward(self.block, (), outputs))
+
+        fsdp_block_enter._adaptc_fsdp = fsdp_block_exit._adaptc_fsdp = path  # type: ignore[attr-defined]
+        self.enter, self.exit = fsdp_block_enter, fsdp_block_exit
+
+
+def _instrument(graph: Any, boundaries: dict[str, _BlockBoundary]) -> None:
+    """Insert the block boundaries into every mode's graph of ``graph`` (a CapturedGraphModule), now and
+    in modes captured later; a graph whose blocks cannot be bracketed is refused."""
+    def hook(gm: Any) -> None:
+        _bracket_blocks(gm, boundaries)
+
+    graph.transform_graphs(hook, remember=getattr(graph, "_adaptc_fsdp_instrumented", None) is not boundaries)
+    graph._adaptc_fsdp_instrumented = boundaries
+
+
+def _bracket_blocks(gm: Any, boundaries: dict[str, _BlockBoundary]) -> None:
+    import operator
+
+    from .passes import checkpoint as checkpointing
+
+    graph = gm.graph
+    if any(getattr(n.target, "_adaptc_fsdp", None) for n in graph.nodes if n.op == "call_function"):
+        return  # already bracketed (a hook run again)
+    position = {n: i for i, n in enumerate(graph.nodes)}
+    seen = set()
+    for path, span in _block_regions(graph, checkpointing):
+        boundary = boundaries.get(path)
+        if boundary is None or path in seen:
+            continue
+        seen.add(path)
+        span = checkpointing._with_getitems(span) if len(span) == 1 else span
+        inside = set(span)
+        first, last = position[span[0]], max(position[n] for n in span)
+        # Every use of the block's parameters must lie within the region, or it would read them freed.
+        for node in graph.nodes:
+            if node.op == "get_attr" and node.target.startswith(path + "."):
+                stray = [u for u in node.users if u not in inside and not first <= position[u] <= last]
+                if stray:
+                    raise ConfigError(
+                        f"per-block FSDP: {stray[0].name} uses {node.target} outside the region of block {path}; "
+                        "pass per_block=False to fully_shard_adapted"
+                    )
+        inputs = list(dict.fromkeys(a for n in span for a in n.all_input_nodes
+                                    if a not in inside and a.op != "get_attr"))
+        outputs = [n for n in span if any(u not in inside for u in n.users)]
+        with graph.inserting_before(span[0]):
+            enter = graph.call_function(boundary.enter, tuple(inputs))
+            for i, node in enumerate(inputs):
+                item = graph.call_function(operator.getitem, (enter, i))
+                node.replace_all_uses_with(item, delete_user_cb=inside.__contains__)
+        tail = max(span, key=position.__getitem__)
+        with graph.inserting_after(tail):
+            leave = graph.call_function(boundary.exit, (tuple(outputs),))
+        previous = leave
+        for i, node in enumerate(outputs):
+            with graph.inserting_after(previous):
+                item = graph.call_function(operator.getitem, (leave, i))
+            outside = {u for u in node.users if u not in inside and u is not leave}
+            node.replace_all_uses_with(item, delete_user_cb=outside.__contains__)
+            previous = item
+    missing = [p for p in boundaries if p not in seen]
+    if missing and seen:
+        raise ConfigError(f"per-block FSDP: block {missing[0]} has no region in a captured graph; "
+                          "pass per_block=False to fully_shard_adapted")
+
+
+def _split_bindings(table: list[tuple[nn.Module, str, nn.Module]], blocks: dict[str, nn.Module]
+                    ) -> tuple[list, dict[str, list]]:
+    """The bindings of the root unit's parameters, and those of each block's."""
+    owners = {id(m): path for path, block in blocks.items() for m in block.modules()}
+    root: list = []
+    by_block: dict[str, list] = {}
+    for entry in table:
+        path = owners.get(id(entry[2]))
+        if path is None:
+            root.append(entry)
+        else:
+            by_block.setdefault(path, []).append(entry)
+    return root, by_block
 
 
 def _parameter_bindings(am: Any) -> list[tuple[nn.Module, str, nn.Module]]:

@@ -1,10 +1,12 @@
-"""Two CPU processes (gloo) train one LoRA adapter with DDP, then with FSDP2, and match one process.
+"""Two CPU processes (gloo) train one LoRA adapter with DDP, then with per-block FSDP2, and match one process.
 
-Each rank builds the same tiny GPT-2 but initialises its adapter from a different seed: DDP
+Each rank builds the same tiny Llama (three decoder layers) but initialises its adapter from a different seed: DDP
 (and fully_shard_adapted) take rank 0's. The ranks split a global batch of 4 sequences in
 two; the reference is one process training on the whole batch (the same mean loss), starting
 from rank 0's adapter. Every rank must end with the reference's adapter within 1e-5, and the
 checkpoint rank 0 saved must load into a fresh model and give the reference's outputs.
+During the FSDP2 steps the decoder layers' gathered weights are measured after every all-gather and
+free: at most one layer's full weights (plus one prefetched) may be gathered at once.
 
 The ranks are spawned, not forked: after the rest of the suite the parent holds thread pools
 (OpenMP, ONNX Runtime) whose locks a forked child inherits locked; forked ranks then hung in CI
@@ -33,10 +35,12 @@ WORLD = 2
 LR = 0.5
 
 
-def tiny_gpt2():
+LAYERS = 3
+
+
+def tiny_llama():
     # seed 0: the same base weights in every process
-    return model_zoo.tiny_gpt2(n_positions=32, n_head=2, bos_token_id=0, eos_token_id=0, resid_pdrop=0.0,
-                               embd_pdrop=0.0, attn_pdrop=0.0, seed=0)
+    return model_zoo.tiny_llama(num_hidden_layers=LAYERS, bos_token_id=0, eos_token_id=0, seed=0)
 
 
 def example():
@@ -44,11 +48,11 @@ def example():
     return {"input_ids": ids, "labels": ids, "use_cache": False}
 
 
-def adapted(adapter_seed):
-    model = tiny_gpt2()
+def adapted(adapter_seed, **options):
+    model = tiny_llama()
     torch.manual_seed(adapter_seed)
     # A is drawn from this seed (B starts at zero, as in PEFT)
-    return adaptc.inject(model, "lora", example_inputs=example(), targets="all-linear", r=4, alpha=8)
+    return adaptc.inject(model, "lora", example_inputs=example(), targets="all-linear", r=4, alpha=8, **options)
 
 
 def global_batches():
@@ -71,6 +75,39 @@ def adapter_tensors(am):
     from adaptc.distributed import _full
 
     return {n: _full(p.detach()).clone().contiguous() for n, p in sorted(am.adapters.named_parameters())}
+
+
+def watch_gathered_layers(am):
+    """After every all-gather and free of a decoder layer's FSDP unit, append the bytes all layers hold
+    gathered at that moment (unsharded weights with storage, pending all-gather outputs); returns the list
+    it fills."""
+    from torch.distributed.fsdp import FSDPModule
+
+    layers = list(am.base_model.model.layers)
+    assert all(isinstance(layer, FSDPModule) for layer in layers), "each decoder layer is an FSDP unit"
+    groups = [layer._get_fsdp_state()._fsdp_param_group for layer in layers]
+    samples = []
+
+    def gathered():
+        # the gathered parameters that hold storage, and any all-gather output not yet copied out (a prefetch)
+        weights = sum(fp._unsharded_param.untyped_storage().nbytes() for g in groups for fp in g.fsdp_params
+                      if hasattr(fp, "_unsharded_param"))
+        pending = sum(g._all_gather_result.all_gather_output.untyped_storage().nbytes() for g in groups
+                      if g._all_gather_result is not None)
+        return weights + pending
+
+    def measuring(call):
+        def measured(*args, **kwargs):
+            result = call(*args, **kwargs)
+            samples.append(gathered())
+            return result
+
+        return measured
+
+    for group in groups:
+        for name in ("unshard", "wait_for_unshard", "reshard"):
+            setattr(group, name, measuring(getattr(group, name)))
+    return samples
 
 
 def _worker(rank, world, init_file, out):
@@ -100,19 +137,47 @@ def _worker(rank, world, init_file, out):
         with torch.no_grad():
             for p, value in zip(am.adapters.parameters(), initial):
                 p.copy_(value)
-        original = am.base_model.transformer.h[0].attn.c_attn.weight
+        original = am.base_model.model.layers[0].self_attn.q_proj.weight
+        layer_bytes = sum(p.numel() * p.element_size() for p in am.base_model.model.layers[0].parameters())
         distributed.fully_shard_adapted(am)
-        shard = am.base_model.transformer.h[0].attn.c_attn.weight
+        shard = am.base_model.model.layers[0].self_attn.q_proj.weight
         report["fsdp_local_rows"] = shard.to_local().shape[0]
+        report["fsdp_layer_bytes"] = layer_bytes
+        gathered = watch_gathered_layers(am)
         train(am, am, global_batches(), rank, world)
+        report["fsdp_gathered"] = list(gathered)  # the training steps' (a capture later gathers every layer)
         # The graphs read FSDP's gathered parameters, not the original full copies (which would defeat sharding).
         report["graph_holds_original"] = any(
             p is original for graph in am._all_graphs() for p in graph.parameters()
         )
         report["fsdp_sync"] = distributed.adapters_in_sync(am)
+        # Inputs of a new structure (no labels) after sharding: a new capture, which must get its block boundaries.
+        ids = global_batches()[0]
+        with torch.no_grad():
+            logits = am(input_ids=ids, use_cache=False).logits
+        safetensors.torch.save_file({"logits": logits.contiguous()}, os.path.join(out, f"fsdp_logits_{rank}.safetensors"))
         distributed.save_adapter(am, os.path.join(out, "fsdp_ckpt"))
         tensors = adapter_tensors(am)  # a collective: every rank gathers
         safetensors.torch.save_file(tensors, os.path.join(out, f"fsdp_{rank}.safetensors"))
+
+        # An NF4 base (QLoRA), with gradient checkpointing: the layers' packed weights are sharded and
+        # gathered per layer too, and each checkpointed layer's recompute runs while it is gathered.
+        qam = adapted(adapter_seed=100 + rank, quantize="nf4")
+        qam.gradient_checkpointing_enable()
+        packed = qam.base_model.model.layers[0].self_attn.q_proj.weight
+        report["nf4_packed"] = [packed.dtype == torch.uint8, packed.numel()]
+        distributed.fully_shard_adapted(qam)
+        report["nf4_packed_local"] = qam.base_model.model.layers[0].self_attn.q_proj.weight.to_local().numel()
+        train(qam, qam, global_batches(), rank, world)
+        calls = [n for g in qam._all_graphs() for n in g._adaptc_graphs[True].nodes
+                 if n.op in ("call_function", "call_module")]
+        report["nf4_calls"] = [
+            "enter" if getattr(n.target, "__name__", "") == "fsdp_block_enter"
+            else "exit" if getattr(n.target, "__name__", "") == "fsdp_block_exit"
+            else "block" if "adaptc_checkpoint_block" in n.meta else "" for n in calls
+        ]
+        report["nf4_sync"] = distributed.adapters_in_sync(qam)
+        safetensors.torch.save_file(adapter_tensors(qam), os.path.join(out, f"nf4_{rank}.safetensors"))
     finally:
         with open(os.path.join(out, f"report_{rank}.json"), "w") as f:
             json.dump(report, f)
@@ -128,6 +193,9 @@ def runs(tmp_path_factory):
     reference = adapted(adapter_seed=100)
     start = adapter_tensors(reference)
     train(reference, reference, global_batches())
+    nf4_reference = adapted(adapter_seed=100, quantize="nf4")
+    nf4_start = adapter_tensors(nf4_reference)
+    train(nf4_reference, nf4_reference, global_batches())
     deadline = time.monotonic() + 400
     while not ctx.join(timeout=5):
         if time.monotonic() > deadline:
@@ -137,15 +205,17 @@ def runs(tmp_path_factory):
     assert all(p.exitcode == 0 for p in ctx.processes)
     reports = [json.loads((out / f"report_{r}.json").read_text()) for r in range(WORLD)]
     # Both checkpoints go into one fresh model (one capture): adapters "ddp" and "fsdp".
-    loaded = adaptc.load_adapter(tiny_gpt2(), out / "ddp_ckpt", example_inputs=example(), adapter_name="ddp")
+    loaded = adaptc.load_adapter(tiny_llama(), out / "ddp_ckpt", example_inputs=example(), adapter_name="ddp")
     loaded.load_adapter(out / "fsdp_ckpt", adapter_name="fsdp")
-    return out, reference, start, reports, loaded
+    return out, reference, start, reports, loaded, nf4_reference, nf4_start
 
 
 @pytest.mark.timeout(480)
-@pytest.mark.parametrize("kind", ["ddp", "fsdp"])
+@pytest.mark.parametrize("kind", ["ddp", "fsdp", "nf4"])
 def test_two_ranks_match_one_process(runs, kind):
-    out, reference, start, reports, _ = runs
+    out, reference, start, reports, _, nf4_reference, nf4_start = runs
+    if kind == "nf4":  # per-block FSDP2 over an NF4 base
+        reference, start = nf4_reference, nf4_start
     expected = adapter_tensors(reference)
     assert any((expected[n] - start[n]).abs().max() > 1e-3 for n in expected), "training changed nothing"
     for rank in range(WORLD):
@@ -165,20 +235,44 @@ def test_ddp_communicates_adapter_gradients_only(runs):
 def test_fsdp_shards_the_base_weights(runs):
     reports = runs[3]
     for report in reports:
-        assert report["fsdp_local_rows"] == 32 // WORLD  # c_attn's [32, 96] weight, rows split over ranks
+        assert report["fsdp_local_rows"] == 32 // WORLD  # q_proj's [32, 32] weight, rows split over ranks
         assert report["graph_holds_original"] is False
+        is_uint8, numel = report["nf4_packed"]
+        assert is_uint8 and report["nf4_packed_local"] == numel // WORLD  # the packed NF4 codes, split over ranks
+        # Each checkpointed layer's call sits between its unit's gather and free.
+        assert [c for c in report["nf4_calls"] if c] == ["enter", "block", "exit"] * LAYERS
+
+
+def test_fsdp_graph_captured_after_sharding(runs):
+    out, reference = runs[0], runs[1]
+    ids = global_batches()[0]
+    with torch.no_grad():
+        want = reference(input_ids=ids, labels=ids, use_cache=False).logits
+    for rank in range(WORLD):
+        got = safetensors.torch.load_file(str(out / f"fsdp_logits_{rank}.safetensors"))["logits"]
+        assert (got - want).abs().max() < 1e-5
+
+
+def test_fsdp_gathers_one_layer_at_a_time(runs):
+    # Each decoder layer is its own FSDP unit: the step gathers layer by layer, forward and backward.
+    for report in runs[3]:
+        layer, samples = report["fsdp_layer_bytes"], report["fsdp_gathered"]
+        assert len(samples) >= 2 * LAYERS * STEPS  # forward and backward gathers of every layer were seen
+        assert max(samples) >= layer  # a whole layer was gathered
+        assert max(samples) <= 2 * layer < LAYERS * layer  # one layer, plus one prefetched; never the model
+        assert samples[-1] == 0  # all freed after the step
 
 
 @pytest.mark.parametrize("kind", ["ddp", "fsdp"])
 def test_rank0_checkpoint_loads_and_reproduces(runs, kind):
-    out, reference, _, _, loaded = runs
+    out, reference, _, _, loaded, _, _ = runs
     assert not list((out / f"{kind}_ckpt").glob(".*.tmp"))  # no temporary file left behind
     loaded.set_adapter(kind)
     ids = global_batches()[0]
     with torch.no_grad():  # train mode throughout (dropout is 0): the graphs already captured serve
         got = loaded(input_ids=ids, labels=ids, use_cache=False).logits
         want = reference(input_ids=ids, labels=ids, use_cache=False).logits
-        base = tiny_gpt2()(input_ids=ids, use_cache=False).logits
+        base = tiny_llama()(input_ids=ids, use_cache=False).logits
     assert (want - base).abs().max() > 1e-3  # the adapter matters, so the comparison below can fail
     assert (got - want).abs().max() < 1e-5
 
@@ -220,3 +314,42 @@ def test_launch_torchrun_starts_the_processes(tmp_path, monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     assert launch_torchrun(["--help"], 2) == 0
     assert launch_torchrun(["no-such-command"], 2) != 0
+
+
+def test_block_boundaries_bracket_each_block_region():
+    # A traced two-block model: each block's region of the graph lies between its unit's enter and exit nodes;
+    # a block weight used outside its region (it would be read freed) is refused.
+    from torch import fx, nn
+
+    from adaptc import distributed
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(4, 4)
+            self.w = nn.Parameter(torch.ones(4, 4))
+
+        def forward(self, x):
+            return torch.relu(self.lin(x)) @ self.w
+
+    class Net(nn.Module):
+        def __init__(self, stray):
+            super().__init__()
+            self.layers = nn.ModuleList([Block(), Block()])
+            self.stray = stray
+
+        def forward(self, x):
+            for layer in self.layers:
+                x = layer(x)
+            return x + self.layers[0].w.sum() if self.stray else x
+
+    boundaries = {p: distributed._BlockBoundary(p, None, {}) for p in ("layers.0", "layers.1")}
+    gm = fx.symbolic_trace(Net(stray=False))
+    distributed._bracket_blocks(gm, boundaries)
+    gm.graph.lint()
+    order = [getattr(n.target, "_adaptc_fsdp", None) and n.target.__name__ + " " + n.target._adaptc_fsdp
+             or (n.target if n.op == "call_module" else None) for n in gm.graph.nodes]
+    assert [o for o in order if o] == ["fsdp_block_enter layers.0", "layers.0.lin", "fsdp_block_exit layers.0",
+                                      "fsdp_block_enter layers.1", "layers.1.lin", "fsdp_block_exit layers.1"]
+    with pytest.raises(adaptc.ConfigError, match="layers.0.w outside the region of block layers.0"):
+        distributed._bracket_blocks(fx.symbolic_trace(Net(stray=True)), boundaries)
