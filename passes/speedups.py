@@ -22,6 +22,11 @@ to the graphs adaptc captures:
   way; measured on the CPU, q and k of [8, 4, 128, 64], forward + backward: 3.2 ms against 7.1).
   Training graphs only.
 
+* **attention mask**: a boolean mask every layer's SDPA takes (transformers' causal mask, traced) is
+  turned once per step into ``is_causal`` when it is the causal triangle, else into one float mask
+  shared by the layers (:func:`attention_mask`); SDPA made and kept a float copy per layer, each
+  [batch, 1, tokens, tokens]. Training graphs only.
+
 * **no-ops**: export's dtype assertions, casts to the dtype a tensor already has, evaluation
   dropout: erased (:func:`drop_no_ops`), a Python call fewer each at every step.
 
