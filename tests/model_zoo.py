@@ -19,6 +19,7 @@ architectures, which takes its shared builders from here) is imported by that na
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import sys
 from pathlib import Path
@@ -27,6 +28,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+import transformers
 from torch import nn
 
 VOCAB = 64
@@ -229,3 +231,51 @@ class FunctionalSDPA(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.blocks(self.embed(x)))
+
+# --- causal LMs for generation ----------------------------------------------------------------------
+# The families users fine-tune, each 2 layers / hidden 64 / vocab 96 (tests/test_generate_*.py).
+
+_CAUSAL_COMMON = dict(vocab_size=96, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128)
+_GQA = dict(num_key_value_heads=2, **_CAUSAL_COMMON)
+
+
+def _causal(model_class: str, config_class: str, **config: Any):
+    """A builder of ``transformers.<model_class>`` from ``transformers.<config_class>(**config)``."""
+    return lambda: getattr(transformers, model_class)(getattr(transformers, config_class)(**config))
+
+
+CAUSAL_LMS = {
+    "gpt2": _causal("GPT2LMHeadModel", "GPT2Config", n_layer=2, n_embd=64, n_head=4, vocab_size=96,
+                    tie_word_embeddings=False),
+    "llama": _causal("LlamaForCausalLM", "LlamaConfig", **_GQA),
+    "mistral": _causal("MistralForCausalLM", "MistralConfig", sliding_window=64, **_GQA),
+    "mistral-short-window": _causal("MistralForCausalLM", "MistralConfig", sliding_window=8, **_GQA),
+    "falcon": _causal("FalconForCausalLM", "FalconConfig", vocab_size=96, hidden_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, new_decoder_architecture=True, num_kv_heads=2),
+    "falcon-old": _causal("FalconForCausalLM", "FalconConfig", vocab_size=96, hidden_size=64, num_hidden_layers=2,
+                          num_attention_heads=4, multi_query=True, parallel_attn=True, new_decoder_architecture=False),
+    "mpt": _causal("MptForCausalLM", "MptConfig", vocab_size=96, d_model=64, n_layers=2, n_heads=4, expansion_ratio=2),
+    "gpt-neox": _causal("GPTNeoXForCausalLM", "GPTNeoXConfig", **_CAUSAL_COMMON),
+    "gemma2": _causal("Gemma2ForCausalLM", "Gemma2Config", head_dim=16, **_GQA),
+    "phi3": _causal("Phi3ForCausalLM", "Phi3Config", pad_token_id=0, **_GQA),
+    "qwen3": _causal("Qwen3ForCausalLM", "Qwen3Config", head_dim=16, **_GQA),
+    "mixtral": _causal("MixtralForCausalLM", "MixtralConfig", num_local_experts=4, num_experts_per_tok=2, **_GQA),
+}
+
+
+@contextlib.contextmanager
+def step_lengths(am):
+    """The sequence length of every call ``generate`` makes to the adapted model ``am``: one token a
+    step after the first when the key/value cache is kept."""
+    lengths = []
+    forward = am.forward
+
+    def recording(*args, **kwargs):
+        lengths.append(kwargs["input_ids"].shape[1])
+        return forward(*args, **kwargs)
+
+    am.forward = recording
+    try:
+        yield lengths
+    finally:
+        del am.forward

@@ -13,51 +13,23 @@ Every test also checks that the cache was used: each step after the first gets o
 
 from __future__ import annotations
 
-import contextlib
 import copy
 
 import pytest
 import torch
-import transformers as T
+from model_zoo import CAUSAL_LMS, step_lengths
 from peft import PeftModel
 
 import adaptc
 
 pytestmark = pytest.mark.integration
 
-_COMMON = dict(vocab_size=96, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128)
-FAMILIES = {
-    "gpt2": lambda: T.GPT2LMHeadModel(T.GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=96,
-                                                   tie_word_embeddings=False)),
-    "llama": lambda: T.LlamaForCausalLM(T.LlamaConfig(num_key_value_heads=2, **_COMMON)),
-    "mistral": lambda: T.MistralForCausalLM(T.MistralConfig(num_key_value_heads=2, sliding_window=64, **_COMMON)),
-    "falcon": lambda: T.FalconForCausalLM(T.FalconConfig(vocab_size=96, hidden_size=64, num_hidden_layers=2,
-                                                         num_attention_heads=4, new_decoder_architecture=True,
-                                                         num_kv_heads=2)),
-    "qwen3": lambda: T.Qwen3ForCausalLM(T.Qwen3Config(num_key_value_heads=2, head_dim=16, **_COMMON)),
-}
+FAMILIES = {name: CAUSAL_LMS[name] for name in ("gpt2", "llama", "mistral", "falcon", "qwen3")}
 _OPTIONS = {
     "greedy": dict(do_sample=False),
     "beams": dict(do_sample=False, num_beams=3),
     "sampling": dict(do_sample=True, top_k=20, top_p=0.9, temperature=0.8),
 }
-
-
-@contextlib.contextmanager
-def step_lengths(am):
-    """The sequence length of every call generate makes to the adapted model."""
-    lengths = []
-    forward = am.forward
-
-    def recording(*args, **kwargs):
-        lengths.append(kwargs["input_ids"].shape[1])
-        return forward(*args, **kwargs)
-
-    am.forward = recording
-    try:
-        yield lengths
-    finally:
-        del am.forward
 
 
 def randomise(am, std=0.3):

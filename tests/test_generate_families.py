@@ -8,55 +8,15 @@ whose config says use_cache=False (transformers' own generate keeps no cache for
 
 from __future__ import annotations
 
-import contextlib
-
 import pytest
 import torch
-import transformers as T
+from model_zoo import CAUSAL_LMS, step_lengths
 
 import adaptc
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 
-
-@contextlib.contextmanager
-def step_lengths(am):
-    """The sequence length of every call generate makes to the adapted model."""
-    lengths = []
-    forward = am.forward
-
-    def recording(*args, **kwargs):
-        lengths.append(kwargs["input_ids"].shape[1])
-        return forward(*args, **kwargs)
-
-    am.forward = recording
-    try:
-        yield lengths
-    finally:
-        del am.forward
-
-_COMMON = dict(vocab_size=96, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128)
-FAMILIES = {
-    "gpt2": lambda: T.GPT2LMHeadModel(T.GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=96,
-                                                   tie_word_embeddings=False)),
-    "llama": lambda: T.LlamaForCausalLM(T.LlamaConfig(num_key_value_heads=2, **_COMMON)),
-    "mistral": lambda: T.MistralForCausalLM(T.MistralConfig(num_key_value_heads=2, sliding_window=64, **_COMMON)),
-    "mistral-short-window": lambda: T.MistralForCausalLM(T.MistralConfig(num_key_value_heads=2, sliding_window=8,
-                                                                         **_COMMON)),
-    "falcon": lambda: T.FalconForCausalLM(T.FalconConfig(vocab_size=96, hidden_size=64, num_hidden_layers=2,
-                                                         num_attention_heads=4, new_decoder_architecture=True,
-                                                         num_kv_heads=2)),
-    "falcon-old": lambda: T.FalconForCausalLM(T.FalconConfig(vocab_size=96, hidden_size=64, num_hidden_layers=2,
-                                                             num_attention_heads=4, multi_query=True,
-                                                             parallel_attn=True, new_decoder_architecture=False)),
-    "mpt": lambda: T.MptForCausalLM(T.MptConfig(vocab_size=96, d_model=64, n_layers=2, n_heads=4, expansion_ratio=2)),
-    "gpt-neox": lambda: T.GPTNeoXForCausalLM(T.GPTNeoXConfig(**_COMMON)),
-    "gemma2": lambda: T.Gemma2ForCausalLM(T.Gemma2Config(num_key_value_heads=2, head_dim=16, **_COMMON)),
-    "phi3": lambda: T.Phi3ForCausalLM(T.Phi3Config(num_key_value_heads=2, pad_token_id=0, **_COMMON)),
-    "qwen3": lambda: T.Qwen3ForCausalLM(T.Qwen3Config(num_key_value_heads=2, head_dim=16, **_COMMON)),
-    "mixtral": lambda: T.MixtralForCausalLM(T.MixtralConfig(num_key_value_heads=2, num_local_experts=4,
-                                                            num_experts_per_tok=2, **_COMMON)),
-}
+FAMILIES = CAUSAL_LMS
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
