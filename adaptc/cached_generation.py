@@ -1,10 +1,10 @@
 """Generation steps with a key/value cache, run through the adapted graphs.
 
 transformers' ``generate`` keeps a ``DynamicCache`` and calls the model once per step. Each call
-here runs a graph captured *with the cache as graph input and output* (transformers registers
-``DynamicCache`` with torch's pytree for export), so the adapter passes apply to it as to any
-graph: the prefill step captures one graph, the one-token steps another, both reading the same
-adapter parameters.
+here runs a graph captured *with the cache as graph input and output* (adaptc registers
+``DynamicCache`` with torch's pytree, :func:`_register_cache_for_export`), so the adapter passes
+apply to it as to any graph: the prefill step captures one graph, the one-token steps another,
+both reading the same adapter parameters.
 
 Methods that edit the sequence:
 
@@ -154,9 +154,7 @@ class CachedSteps:
         if cache is None:
             inputs = {**inputs, "use_cache": False}
             return self._am(**inputs)
-        if not _supported_layers(cache):
-            raise TypeError(f"a cache of layers {[type(x).__name__ for x in cache.layers]} cannot run through the graphs")
-        inputs = {**inputs, "use_cache": True}
+        inputs = {**inputs, "use_cache": True}  # (a cache of other layer types is refused by _flatten_cache)
         first = cache.get_seq_length() == 0
         suspended = contextlib.nullcontext()
         if not first and self._virtual_tokens:
@@ -180,7 +178,7 @@ def keep_callers_cache(kwargs: dict[str, Any], output: Any) -> Any:
     """After a graph call given a cache: the caller's cache object holds the grown keys and values and
     is the one in the output, as when transformers' own forward updates it in place (a loop that
     passes the same cache object at every step stays right)."""
-    given = kwargs.get("cache")
+    given = next((kwargs[n] for n in _CACHE_NAMES if kwargs.get(n) is not None), None)
     if given is None or not hasattr(output, "keys"):
         return output
     name = next((n for n in _CACHE_NAMES if n in output.keys()), None)
@@ -194,8 +192,6 @@ def keep_callers_cache(kwargs: dict[str, Any], output: Any) -> Any:
 def _adopt(cache: Any, grown: Any) -> None:
     """Make ``cache`` hold ``grown``'s keys and values (the graph returned a new cache object;
     generate and the caller hold the one they passed)."""
-    if grown is cache:
-        return
     cache.layers.extend(grown.layers[len(cache.layers):])  # a cache made without a config grows layers lazily
     for layer, new in zip(cache.layers, grown.layers):
         if layer is new or new.keys is None:

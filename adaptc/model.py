@@ -438,7 +438,7 @@ class AdaptedModel(nn.Module):
             output = self._mixed_forward(adapter_names, args, kwargs)
         else:
             output = self.graph_for(Inputs(args, kwargs))(*args, **kwargs)
-        if "cache" in kwargs:  # a graph returns a new cache; the caller's object grows as in transformers
+        if "cache" in kwargs or "past_key_values" in kwargs:  # a graph returns a new cache; the caller's grows
             output = cached_generation.keep_callers_cache(kwargs, output)
         return output
 
