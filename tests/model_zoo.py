@@ -184,6 +184,24 @@ def conformer_inputs(batch: int, frames: int) -> tuple:
 
 # --- custom modules written with functional ops ---------------------------------------------------
 
+class EmbedConvNet(nn.Module):
+    """An embedding, a 3x3 conv, a grouped conv and two linears, applied by module call:
+    every LoRA kind (tests/test_peft_parity.py, tests/test_mixed_batch.py)."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(20, 6)
+        self.conv = nn.Conv2d(6, 8, 3, padding=1)
+        self.gconv = nn.Conv2d(8, 8, 3, padding=1, groups=2)
+        self.fc1 = nn.Linear(8, 16)
+        self.fc2 = nn.Linear(16, 4)
+
+    def forward(self, ids):
+        h = self.emb(ids).transpose(1, 2).reshape(ids.shape[0], 6, 3, 3)
+        h = self.gconv(torch.relu(self.conv(h))).mean((2, 3))
+        return self.fc2(torch.relu(self.fc1(h)))
+
+
 class FunctionalConvNet(nn.Module):
     """No nn.Linear / nn.Conv2d submodules: F.conv2d, F.linear and ``@`` on bare parameters."""
 

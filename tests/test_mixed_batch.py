@@ -10,8 +10,7 @@ import copy
 import pytest
 import torch
 from adaptc.passes.lora import LoraRows
-from model_zoo import tiny_gpt2, tiny_llama
-from torch import nn
+from model_zoo import EmbedConvNet, tiny_gpt2, tiny_llama
 
 import adaptc
 from adaptc.mixed_batch import BASE, rows_applied
@@ -129,26 +128,9 @@ def test_rows_repeated_by_generate_take_their_rows_name(llama):
     torch.testing.assert_close(direct, repeated, atol=0, rtol=0)
 
 
-class ConvEmbedNet(nn.Module):
-    """An embedding, a 3x3 conv, a grouped conv and two linears: every LoRA kind."""
-
-    def __init__(self):
-        super().__init__()
-        self.emb = nn.Embedding(20, 6)
-        self.conv = nn.Conv2d(6, 8, 3, padding=1)
-        self.gconv = nn.Conv2d(8, 8, 3, padding=1, groups=2)
-        self.fc1 = nn.Linear(8, 16)
-        self.fc2 = nn.Linear(16, 4)
-
-    def forward(self, ids):
-        h = self.emb(ids).transpose(1, 2).reshape(ids.shape[0], 6, 3, 3)
-        h = self.gconv(torch.relu(self.conv(h))).mean((2, 3))
-        return self.fc2(torch.relu(self.fc1(h)))
-
-
 def test_linear_conv_embedding_and_dora_rows():
     torch.manual_seed(0)
-    model = ConvEmbedNet().eval()
+    model = EmbedConvNet().eval()
     pristine = copy.deepcopy(model)
     ids = torch.randint(0, 20, (2, 9))
     am = three_adapters(model, {"ids": ids}, {"targets": ["emb", "conv", "fc1"]},
@@ -240,7 +222,7 @@ def test_against_peft_adapter_names(tmp_path):
 def test_rows_on_the_gpu():
     """The row indices are made on the device of the tensors they index."""
     torch.manual_seed(0)
-    model = ConvEmbedNet().eval().cuda()
+    model = EmbedConvNet().eval().cuda()
     pristine = copy.deepcopy(model)
     ids = torch.randint(0, 20, (2, 9), device="cuda")
     am = three_adapters(model, {"ids": ids}, {"targets": ["emb", "conv", "fc1"]}, {"targets": ["gconv", "fc2"]},

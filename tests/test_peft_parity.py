@@ -14,8 +14,7 @@ from typing import Any
 
 import pytest
 import torch
-from model_zoo import tiny_bert, tiny_gpt2, tiny_llama, tiny_timm_vit
-from torch import nn
+from model_zoo import EmbedConvNet, tiny_bert, tiny_gpt2, tiny_llama, tiny_timm_vit
 
 import adaptc
 
@@ -25,23 +24,6 @@ pytestmark = [
     pytest.mark.filterwarnings("ignore::UserWarning"),  # PEFT's fan_in_fan_out notes etc.
     pytest.mark.integration,  # by time (make test-unit under 2 minutes): PEFT as the reference
 ]
-
-
-class Custom(nn.Module):
-    """An embedding, a 3x3 conv, a grouped conv and two linears, applied by module call."""
-
-    def __init__(self):
-        super().__init__()
-        self.emb = nn.Embedding(20, 6)
-        self.conv = nn.Conv2d(6, 8, 3, padding=1)
-        self.gconv = nn.Conv2d(8, 8, 3, padding=1, groups=2)
-        self.fc1 = nn.Linear(8, 16)
-        self.fc2 = nn.Linear(16, 4)
-
-    def forward(self, ids):
-        h = self.emb(ids).transpose(1, 2).reshape(ids.shape[0], 6, 3, 3)
-        h = self.gconv(torch.relu(self.conv(h))).mean((2, 3))
-        return self.fc2(torch.relu(self.fc1(h)))
 
 
 def gpt2():
@@ -67,7 +49,7 @@ def vit():
 
 
 def custom():
-    return Custom(), (torch.randint(0, 20, (2, 9)),)
+    return EmbedConvNet(), (torch.randint(0, 20, (2, 9)),)
 
 
 @dataclass
