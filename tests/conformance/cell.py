@@ -21,11 +21,13 @@ from __future__ import annotations
 
 import traceback
 import warnings
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import peft
 import torch
 import torch.nn.functional as F
 from torch.utils import _pytree as pytree
@@ -53,11 +55,26 @@ class CellResult:
         return asdict(self)
 
 
+# Each column's method: its adaptc options (inject's keywords) and the PEFT config with the same settings.
+# A method's column is one entry in each table (and its name in zoo.METHODS).
+OPTIONS: dict[str, dict[str, Any]] = {
+    "lora": {"targets": "all-linear", "r": 4, "alpha": 8},
+    "prompt": {"num_virtual_tokens": V},
+    "ptuning": {"num_virtual_tokens": V, "encoder_hidden_size": 16},
+    "prefix": {"num_virtual_tokens": V},
+}
+PEFT_CONFIGS: dict[str, Callable[[Arch], Any]] = {
+    "lora": lambda arch: peft.LoraConfig(r=4, target_modules="all-linear"),
+    "prompt": lambda arch: peft.PromptTuningConfig(task_type=arch.peft_task or "FEATURE_EXTRACTION", num_virtual_tokens=V),
+    "ptuning": lambda arch: peft.PromptEncoderConfig(
+        task_type=arch.peft_task or "FEATURE_EXTRACTION", num_virtual_tokens=V, encoder_hidden_size=16),
+    "prefix": lambda arch: peft.PrefixTuningConfig(task_type=arch.peft_task or "FEATURE_EXTRACTION", num_virtual_tokens=V),
+}
+SEQUENCE_METHODS = ("prompt", "ptuning", "prefix")  # need attention; the rest adapt weights
+
+
 def options(method: str) -> dict[str, Any]:
-    if method == "lora":
-        return {"targets": "all-linear", "r": 4, "alpha": 8}
-    extra = {"encoder_hidden_size": 16} if method == "ptuning" else {}
-    return {"num_virtual_tokens": V, **extra}
+    return dict(OPTIONS[method])
 
 
 def call(module: Any, inputs: Any) -> Any:
@@ -101,7 +118,7 @@ def _randomize(am: adaptc.AdaptedModel, seed: int) -> None:
 def not_applicable(arch: Arch, method: str, error: str) -> bool:
     """True for the refusals the matrix expects: a prompt method on a model without attention, and prompt
     tuning / P-tuning on a model that fixes its sequence length (declared in the zoo)."""
-    if method == "lora":
+    if method not in SEQUENCE_METHODS:
         return False
     if not arch.attention:
         return "no attention" in error
@@ -143,7 +160,7 @@ def _run(arch: Arch, method: str, workdir: Path, result: CellResult) -> None:
         am = adaptc.inject(model, method, example_inputs=batch, **options(method))
     except adaptc.CaptureError as exc:
         raise StageFailed("capture", f"CaptureError: {exc}") from None
-    if method != "lora" and not arch.attention:
+    if method in SEQUENCE_METHODS and not arch.attention:
         raise StageFailed("inject", "a prompt method was injected into a model without attention; expected the "
                                     "clear error")
     base_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
@@ -226,22 +243,13 @@ def _ort(path: Path, inputs: Any) -> list[np.ndarray]:
 
 def peft_support(arch: Arch, method: str) -> str:
     """Try PEFT on a fresh copy of the model: 'yes' when get_peft_model and a forward work, else why not."""
-    import peft
-
     try:
         torch.manual_seed(0)
         model = arch.build().eval()
         batch = arch.inputs(*arch.sizes)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            if method == "lora":
-                config = peft.LoraConfig(r=4, target_modules="all-linear")
-            else:
-                kind = {"prompt": peft.PromptTuningConfig, "ptuning": peft.PromptEncoderConfig,
-                        "prefix": peft.PrefixTuningConfig}[method]
-                extra = {"encoder_hidden_size": 16} if method == "ptuning" else {}
-                config = kind(task_type=arch.peft_task or "FEATURE_EXTRACTION", num_virtual_tokens=V, **extra)
-            pm = peft.get_peft_model(model, config)
+            pm = peft.get_peft_model(model, PEFT_CONFIGS[method](arch))
             with torch.no_grad():
                 call(pm, batch)
         return "yes"
