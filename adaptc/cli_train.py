@@ -63,6 +63,12 @@ def add_train_parser(sub: Any, common: argparse.ArgumentParser, parser_class: ty
     p.add_argument("--eval-every", type=int, metavar="N", help="steps between evaluations and checkpoints (default: 5 over the run)")
     p.add_argument("--bf16", action="store_true", help="bfloat16 autocast for the forward pass")
     p.add_argument("--seed", type=int, default=0, help="seed for torch's RNG (default: %(default)s)")
+    p.add_argument("--loraplus-lr-ratio", type=float, metavar="R", help="LoRA+: train LoRA's B matrices at R x --lr "
+                   "(as PEFT's create_loraplus_optimizer; e.g. 16)")
+    p.add_argument("--loraplus-lr-embedding", type=float, default=1e-6, metavar="LR",
+                   help="LoRA+: the learning rate of LoRA on embeddings (default: %(default)g)")
+    p.add_argument("--lora-fa", action="store_true", help="LoRA-FA: keep LoRA's A matrices frozen, train B only "
+                   "(less activation memory)")
     p.add_argument("--device", default="cpu", help="torch device to train on, e.g. cpu, cuda (default: %(default)s)")
     p.add_argument("--resume", action="store_true", help="continue from DIR/last after an interruption")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -126,6 +132,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         steps=args.steps, epochs=args.epochs, lr=args.lr, weight_decay=args.weight_decay, warmup=args.warmup,
         batch_accum=args.batch_accum, bf16=args.bf16, max_grad_norm=args.max_grad_norm,
         eval_every=args.eval_every, seed=args.seed, progress=not args.no_progress,
+        loraplus_lr_ratio=args.loraplus_lr_ratio, loraplus_lr_embedding=args.loraplus_lr_embedding,
+        lora_fa=args.lora_fa,
     )
     config.validate()  # bad options fail before the model is built
     if not isinstance(args.nproc, int) or args.nproc < 1:

@@ -10,10 +10,17 @@ Two things the Trainer reads that a plain ``forward(*args, **kwargs)`` hides:
   ``state_dict()``: every frozen base weight at every checkpoint, and a crash in safetensors when
   weights are tied (GPT-2's embedding and LM head). :class:`AdapterTrainer` saves and resumes the
   adapters in PEFT's format instead (``adapter_config.json`` + ``adapter_model.safetensors``).
+
+:class:`AdapterTrainer` also runs what a method adds to training (adaptc.train's method hooks: AdaLoRA's
+orthogonality penalty in the loss and its rank allocation after each optimizer step, through
+:class:`MethodHooksCallback`) and takes LoRA+ (``loraplus_lr_ratio``, ``loraplus_lr_embedding``) and
+LoRA-FA (``lora_fa``) as keyword arguments, as ``adaptc.TrainConfig`` does. A plain ``Trainer`` can take
+``MethodHooksCallback(am)`` among its callbacks for the per-step part (the loss term needs AdapterTrainer).
 """
 
 from __future__ import annotations
 
+import functools
 import os
 from typing import Any
 
@@ -26,6 +33,7 @@ from .methods.lora_checkpoint import copy_tensors
 from .model import AdaptedModel
 from .passes.sites import site_key
 from .signature import signature_class
+from .train import check_lora_options, freeze_lora_a, hooks_loss, method_hooks, parameter_groups
 
 
 def unwrap(model: nn.Module) -> Any:
@@ -51,6 +59,9 @@ def load_adapter_weights(am: Any, directory: str | os.PathLike, adapter_name: st
     """
     if adapter_name not in am.adapters:
         raise CheckpointError(f"unknown adapter {adapter_name!r}; this model has: {', '.join(am.adapters)}")
+    if am.adapter_record(adapter_name).method.name != "lora":
+        _copy_other_method(am, directory, adapter_name)
+        return
     _, plans = plan_load(am, read_checkpoint(directory, adapter_name))
     layers = am.adapters[adapter_name]
     wanted = {site_key(name) for name in plans}
@@ -70,8 +81,59 @@ def load_adapter_weights(am: Any, directory: str | os.PathLike, adapter_name: st
     copy_tensors(layers, plans)
 
 
+def _copy_other_method(am: Any, directory: str | os.PathLike, adapter_name: str) -> None:
+    """load_adapter_weights for a method other than LoRA: its own load into a scratch adapter, then a copy."""
+    record, active = am.adapter_record(adapter_name), list(am.active_adapters)
+    scratch = "_adaptc_resume"
+    record.method.load(am, read_checkpoint(directory, adapter_name), scratch)
+    try:
+        loaded, target = am.adapters[scratch].state_dict(), am.adapters[adapter_name].state_dict()
+        differ = sorted(k for k in set(loaded) | set(target)
+                        if k not in loaded or k not in target or loaded[k].shape != target[k].shape)
+        if differ:
+            raise CheckpointError(
+                f"{directory} does not fit adapter {adapter_name!r} ({differ[0]}: the sites or shapes differ, e.g. "
+                "an AdaLoRA checkpoint whose ranks were pruned); resume with the adapter it was trained from"
+            )
+        am.adapters[adapter_name].load_state_dict(loaded)
+    finally:
+        am.delete_adapter(scratch)
+        am.set_adapter(active)
+
+
+@functools.cache
+def _callback_class() -> type:
+    from transformers import TrainerCallback
+
+    class MethodHooksCallback(TrainerCallback):
+        """Calls the active adapters' training hooks (adaptc.train's ``method_hooks``) around each optimizer step.
+
+        ``on_optimizer_step`` runs after ``optimizer.step()`` and before the gradients are cleared, with
+        ``state.global_step`` the 0-based index of the step just taken: PEFT's ``update_and_allocate``.
+        """
+
+        def __init__(self, model: nn.Module) -> None:
+            self.am = unwrap(model)
+            self.hooks: list[Any] = []
+
+        def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            self.hooks = method_hooks(self.am, state.max_steps)
+
+        def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            for hook in self.hooks:
+                hook.before_step()
+
+        def on_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            for hook in self.hooks:
+                hook.after_step(state.global_step)
+
+    return MethodHooksCallback
+
+
 def _trainer_class() -> type:
     from transformers import Trainer
+
+    MethodHooksCallback = _callback_class()
 
     class AdapterTrainer(Trainer):
         """``transformers.Trainer`` that checkpoints an AdaptedModel's adapters in PEFT's format.
@@ -79,7 +141,43 @@ def _trainer_class() -> type:
         Everything else is the Trainer's: loss, gradient accumulation, DDP through accelerate,
         optimizer / scheduler / RNG state in each ``checkpoint-N`` folder, ``resume_from_checkpoint``,
         ``load_best_model_at_end``.
+
+        Extra keywords: ``loraplus_lr_ratio`` / ``loraplus_lr_embedding`` (LoRA+ learning rates of B and of
+        embedding LoRA, as PEFT's ``create_loraplus_optimizer``) and ``lora_fa`` (LoRA's A frozen).
         """
+
+        def __init__(self, *args: Any, loraplus_lr_ratio: float | None = None, loraplus_lr_embedding: float = 1e-6,
+                     lora_fa: bool = False, **kwargs: Any) -> None:
+            check_lora_options(loraplus_lr_ratio, loraplus_lr_embedding, lora_fa)
+            super().__init__(*args, **kwargs)
+            self.loraplus = (loraplus_lr_ratio, loraplus_lr_embedding)
+            am = unwrap(self.model)
+            self.lora_fa_frozen = freeze_lora_a(am) if lora_fa else []
+            if loraplus_lr_ratio is not None:  # fail now, not when the optimizer is made
+                parameter_groups(am, [p for p in am.parameters() if p.requires_grad], 1.0, 0.0, *self.loraplus)
+            self.hooks_callback = MethodHooksCallback(am)
+            self.add_callback(self.hooks_callback)
+
+        def create_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer:
+            if self.loraplus[0] is None or self.optimizer is not None:
+                return super().create_optimizer(model)
+            am = unwrap(model if model is not None else self.model)
+            cls, kwargs = self.get_optimizer_cls_and_kwargs(self.args, am)
+            params = [p for p in am.parameters() if p.requires_grad]
+            groups = parameter_groups(am, params, self.args.learning_rate, self.args.weight_decay, *self.loraplus)
+            self.optimizer = cls(groups, **{k: v for k, v in kwargs.items() if k != "lr"})
+            return self.optimizer
+
+        def compute_loss(self, model: nn.Module, inputs: dict, return_outputs: bool = False,
+                         num_items_in_batch: Any = None) -> Any:
+            result = super().compute_loss(model, inputs, return_outputs=return_outputs,
+                                          num_items_in_batch=num_items_in_batch)
+            if not model.training or not self.hooks_callback.hooks:
+                return result
+            if return_outputs:
+                loss, outputs = result
+                return hooks_loss(self.hooks_callback.hooks, loss), outputs
+            return hooks_loss(self.hooks_callback.hooks, result)
 
         def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
             output_dir = output_dir if output_dir is not None else self.args.output_dir
@@ -109,6 +207,10 @@ def __getattr__(name: str) -> Any:
     if name == "AdapterTrainer":
         cls = _trainer_class()
         globals()["AdapterTrainer"] = cls
+        return cls
+    if name == "MethodHooksCallback":
+        cls = _callback_class()
+        globals()["MethodHooksCallback"] = cls
         return cls
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 

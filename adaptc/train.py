@@ -17,6 +17,10 @@ state, see :mod:`adaptc.train_state`) are written atomically at every evaluation
 end, with ``train_log.json`` and ``loss.png``; ``resume=True`` continues from ``last/`` and gives the
 same weights as an uninterrupted run. A NaN or infinite loss or gradient stops training before the
 optimizer step, so no NaN ever reaches the weights or a checkpoint.
+
+LoRA+ (``loraplus_lr_ratio``: B learns ratio x lr) and LoRA-FA (``lora_fa``: A frozen) are options of
+:class:`TrainConfig`; a method whose training needs more than a plain step (AdaLoRA) contributes hooks
+(:func:`method_hooks`, described below).
 """
 
 from __future__ import annotations
@@ -67,6 +71,11 @@ class TrainConfig:
     eval_every: int | None = None  # steps between evaluations and checkpoints (default: 5 over the run)
     seed: int = 0
     progress: bool = True
+    # LoRA+: B's learning rate is loraplus_lr_ratio x lr (LoRA on embeddings: loraplus_lr_embedding), as PEFT's
+    # create_loraplus_optimizer. LoRA-FA: A stays frozen at its initial value; only B (and DoRA's magnitude) train.
+    loraplus_lr_ratio: float | None = None
+    loraplus_lr_embedding: float = 1e-6
+    lora_fa: bool = False
 
     def validate(self) -> None:
         if (self.steps is None) == (self.epochs is None):
@@ -87,9 +96,21 @@ class TrainConfig:
             raise ConfigError(f"max_grad_norm must be a positive number or None, got {self.max_grad_norm!r}")
         if self.eval_every is not None and (not _is_int(self.eval_every) or self.eval_every <= 0):
             raise ConfigError(f"eval_every must be a positive integer, got {self.eval_every!r}")
+        check_lora_options(self.loraplus_lr_ratio, self.loraplus_lr_embedding, self.lora_fa)
 
     def warmup_steps(self, total: int) -> int:
         return min(total, int(self.warmup) if self.warmup >= 1 else round(self.warmup * total))
+
+
+def check_lora_options(loraplus_lr_ratio: Any, loraplus_lr_embedding: Any, lora_fa: Any) -> None:
+    """Validate the LoRA+ / LoRA-FA options (adaptc.train, ``adaptc train`` and adaptc.hf share them)."""
+    if loraplus_lr_ratio is not None and (not _is_number(loraplus_lr_ratio) or not 0 < loraplus_lr_ratio < math.inf):
+        raise ConfigError(f"loraplus_lr_ratio must be a positive number (B's learning rate / A's, e.g. 16), "
+                          f"got {loraplus_lr_ratio!r}")
+    if not _is_number(loraplus_lr_embedding) or not 0 < loraplus_lr_embedding < math.inf:
+        raise ConfigError(f"loraplus_lr_embedding must be a positive learning rate, got {loraplus_lr_embedding!r}")
+    if not isinstance(lora_fa, bool):
+        raise ConfigError(f"lora_fa must be True or False, got {lora_fa!r}")
 
 
 def _is_int(value: Any) -> bool:
@@ -219,6 +240,97 @@ def compute_loss(output: Any, batch: Batch, loss: LossFn | None) -> torch.Tensor
     return value.reshape(())
 
 
+# --- method hooks, LoRA+ and LoRA-FA ----------------------------------------------------------------
+#
+# A method whose training needs more than loss.backward() + optimizer.step() (AdaLoRA: a penalty in
+# the loss, a rank allocation after each step) defines ``train_hook(am, adapter_name, total_steps)`` on
+# its Method, returning an object with ``loss()`` (a term added to the loss, or None), ``before_step()``
+# (after clipping, before the optimizer step) and ``after_step(step)`` (after the optimizer step, before
+# the gradients are cleared; ``step`` is the 0-based index of the step just taken). adaptc.train and
+# adaptc.hf's AdapterTrainer call them; nothing here knows a method by name.
+
+
+def method_hooks(am: Any, total_steps: int) -> list[Any]:
+    """The training hooks of ``am``'s active adapters whose method defines ``train_hook``."""
+    records = getattr(am, "adapter_record", None)
+    if records is None:
+        return []
+    hooks = []
+    for name in am.active_adapters:
+        method = records(name).method
+        make = getattr(method, "train_hook", None)
+        if make is not None:
+            hook = make(am, name, total_steps)
+            if hook is not None:
+                hooks.append(hook)
+    return hooks
+
+
+def hooks_loss(hooks: list[Any], loss: torch.Tensor) -> torch.Tensor:
+    """``loss`` plus every hook's term."""
+    for hook in hooks:
+        extra = hook.loss()
+        if extra is not None:
+            loss = loss + extra.to(loss.dtype)
+    return loss
+
+
+def _lora_layers(am: Any) -> list[tuple[str, nn.Module]]:
+    """(adapter name, layer) of every layer of the active adapters."""
+    if getattr(am, "adapters", None) is None:
+        raise ConfigError(f"LoRA+ / LoRA-FA need an adaptc AdaptedModel, got {type(am).__name__}")
+    layers = []
+    for name in am.active_adapters:
+        layers += [(name, layer) for layer in am.adapters[name].values()]
+    return layers
+
+
+def freeze_lora_a(am: Any) -> list[nn.Parameter]:
+    """LoRA-FA: freeze every LoRA A of the active adapters (returns them, to unfreeze after training).
+
+    A frozen A needs no gradient, so autograd keeps no copy of A's input for it: the activation memory of
+    the adapter's down-projection goes (only the r-wide ``A x`` stays saved for B's gradient).
+    """
+    other = [f"{n!r} ({am.adapter_record(n).method.name})" for n in am.active_adapters
+             if am.adapter_record(n).method.name != "lora"]
+    if other:
+        raise ConfigError(f"lora_fa=True freezes LoRA's A matrices; the active adapter(s) {', '.join(other)} are not "
+                          "LoRA adapters: train them without lora_fa")
+    frozen = []
+    for _, layer in _lora_layers(am):
+        for param_name in ("lora_A", "lora_embedding_A"):
+            param = getattr(layer, param_name, None)
+            if isinstance(param, nn.Parameter) and param.requires_grad:
+                param.requires_grad_(False)
+                frozen.append(param)
+    return frozen
+
+
+def parameter_groups(am: Any, params: list[nn.Parameter], lr: float, weight_decay: float,
+                     loraplus_lr_ratio: float | None = None, loraplus_lr_embedding: float = 1e-6) -> list[dict]:
+    """The optimizer's parameter groups: one, or with LoRA+ PEFT's three (A: lr; B and 1-D parameters such as
+    DoRA's magnitude: ratio x lr; LoRA on an embedding: loraplus_lr_embedding)."""
+    if loraplus_lr_ratio is None:
+        return [{"params": params, "lr": lr, "weight_decay": weight_decay}]
+    wanted = {id(p) for p in params}
+    role: dict[int, str] = {}
+    for _, layer in _lora_layers(am):
+        embedding = getattr(layer, "kind", None) == "embedding"
+        for param_name, param in layer.named_parameters(recurse=False):
+            if id(param) in wanted:
+                is_b = param_name in ("lora_B", "lora_embedding_B") or param.dim() == 1
+                role[id(param)] = "embedding" if embedding else ("B" if is_b else "A")
+    if "B" not in role.values() and "embedding" not in role.values():
+        raise ConfigError("loraplus_lr_ratio sets the learning rate of LoRA's B matrices, but the trained adapter(s) "
+                          f"{', '.join(am.active_adapters)} have none (lora_B): LoRA+ needs a LoRA (or AdaLoRA) adapter")
+    groups = {"A": [], "embedding": [], "B": []}
+    for p in params:
+        groups[role.get(id(p), "A")].append(p)
+    rates = {"A": lr, "embedding": loraplus_lr_embedding, "B": lr * loraplus_lr_ratio}
+    return [{"params": groups[k], "lr": rates[k], "weight_decay": weight_decay} for k in ("A", "embedding", "B")
+            if groups[k]]
+
+
 # --- evaluation ------------------------------------------------------------------------------------
 
 def evaluate(
@@ -316,6 +428,7 @@ class _Setup:
     loss: LossFn | None
     metric: MetricFn | None
     eval_batches: Any
+    hooks: list[Any] = field(default_factory=list)  # the methods' training hooks (method_hooks)
 
 
 @dataclass
@@ -376,6 +489,16 @@ def train(
     """
     config = _make_config(config, options)
     root = _check_arguments(loss, metric, output_dir, resume)
+    frozen = freeze_lora_a(am) if config.lora_fa else []
+    try:
+        return _train(am, batches, config, root, loss, eval_batches, metric, resume)
+    finally:
+        for param in frozen:  # LoRA-FA froze A for this run only
+            param.requires_grad_(True)
+
+
+def _train(am: nn.Module, batches: Any, config: TrainConfig, root: Path | None, loss: LossFn | None,
+           eval_batches: Any, metric: MetricFn | None, resume: bool) -> TrainResult:
     params = _trainable_parameters(am)
     data = _Batches(batches, config.seed)
     plan = _plan(config, data)
@@ -445,6 +568,11 @@ def _plan(config: TrainConfig, data: _Batches) -> _Plan:
     schedule = {"total_steps": total, "warmup_steps": warmup, "lr": config.lr, "weight_decay": config.weight_decay,
                 "batch_accum": config.batch_accum, "seed": config.seed, "bf16": config.bf16,
                 "max_grad_norm": config.max_grad_norm}
+    # Only when set, so that checkpoints written without these options still resume.
+    if config.loraplus_lr_ratio is not None:
+        schedule.update(loraplus_lr_ratio=config.loraplus_lr_ratio, loraplus_lr_embedding=config.loraplus_lr_embedding)
+    if config.lora_fa:
+        schedule["lora_fa"] = True
     return _Plan(total=total, warmup=warmup, eval_every=eval_every, rank=rank, world=world, schedule=schedule)
 
 
@@ -452,14 +580,16 @@ def _set_up(am: nn.Module, params: list[nn.Parameter], root: Path | None, config
             loss: LossFn | None, metric: MetricFn | None, eval_batches: Any) -> _Setup:
     device = _device_of(am)
     caller = _Caller(am, device)
-    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    groups = parameter_groups(am, params, config.lr, config.weight_decay, config.loraplus_lr_ratio,
+                              config.loraplus_lr_embedding)
+    optimizer = torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay)
     warmup, total = plan.warmup, plan.total
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, warmup, total))
     run = _Run(am, root, plan.schedule, config, writer=plan.rank == 0)
     model = _data_parallel(am, device) if plan.world > 1 else am
     return _Setup(am=am, model=model, caller=caller, device=device, params=params, optimizer=optimizer,
                   scheduler=scheduler, run=run, config=config, plan=plan, loss=loss, metric=metric,
-                  eval_batches=eval_batches)
+                  eval_batches=eval_batches, hooks=method_hooks(am, plan.total))
 
 
 def _start(setup: _Setup, resume: bool) -> None:
@@ -520,6 +650,7 @@ def _micro_step(setup: _Setup, batch: Batch, micro: _Accumulation, speed: _Throu
     with _autocast(setup.device, setup.config.bf16):
         output = setup.model(**setup.caller.inputs(batch))
         value = compute_loss(output, setup.caller.batch_on_device(batch), setup.loss).float()
+        value = hooks_loss(setup.hooks, value)
     if not _finite_everywhere(value, setup.plan.world):  # every rank stops, or DDP's all-reduce would hang
         raise setup.run.nan_error(f"the loss is {value.item()}", len(micro.losses) + 1, setup.optimizer)
     (value / micro.size).backward()
@@ -535,7 +666,11 @@ def _optimizer_step(setup: _Setup, micro: _Accumulation) -> None:
     norm = torch.nn.utils.clip_grad_norm_(setup.params, limit)
     if not torch.isfinite(norm):
         raise setup.run.nan_error(f"the gradient norm is {norm.item()}", len(micro.losses), setup.optimizer)
+    for hook in setup.hooks:
+        hook.before_step()
     setup.optimizer.step()
+    for hook in setup.hooks:
+        hook.after_step(setup.run.step)  # 0-based: run.step counts the steps before this one
     setup.scheduler.step()
     setup.optimizer.zero_grad(set_to_none=True)
 

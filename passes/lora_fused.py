@@ -66,7 +66,8 @@ class _SiblingLora(torch.autograd.Function):
             outs.append(base if write else flat.view(base.shape))
         ctx.mark_dirty(*[base for base, write in zip(bases, in_place) if write])
         # The dropped input, not x2d: the backward needs only it (and the mask) and need not redo it.
-        ctx.save_for_backward(dropped, keep, a_cat, *bs, *hs)
+        # Only for A's gradient: with A frozen (LoRA-FA) nothing of the input is kept.
+        ctx.save_for_backward(dropped if ctx.needs_input_grad[2] else None, keep, a_cat, *bs, *hs)
         ctx.scales, ctx.count = scales, count
         return tuple(outs)
 
@@ -112,7 +113,7 @@ class _AbsorbedSiblings(torch.autograd.Function):
         for weight, bias, b, h in zip(weights, biases, bs, hs):
             out = x2d @ weight.t() if bias is None else torch.addmm(bias, x2d, weight.t())
             outs.append(out.addmm_(h, b.t()))
-        ctx.save_for_backward(dropped, keep, a_cat, *weights, *bs, *hs)  # dropped: as in _SiblingLora
+        ctx.save_for_backward(dropped if ctx.needs_input_grad[2] else None, keep, a_cat, *weights, *bs, *hs)  # as above
         ctx.count = count
         ctx.scales = scales
         return tuple(outs)
