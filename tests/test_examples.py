@@ -95,3 +95,12 @@ def test_vision_prompt_tuning_with_head_lora_exports_and_agrees_with_ort(tmp_pat
     with torch.no_grad():
         expected = am(x).numpy()
     assert np.abs(logits - expected).max() <= 1e-4
+
+
+@pytest.mark.slow
+def test_instruct_ort_example_answers_with_onnx_runtime_like_am_generate(tmp_path):
+    """examples/instruct_ort.py: fine-tune, export the adapter unmerged, answer with ORT with and without it."""
+    result = load("instruct_ort").run(steps=3, out=tmp_path / "folder", engine="session")
+    assert result["same_as_pytorch"]  # ORT + adapter gives am.generate's answers token for token
+    assert {p.name for p in (tmp_path / "folder").iterdir()} == {"model.onnx", "genai_config.json",
+                                                                  "instruct.onnx_adapter"}
