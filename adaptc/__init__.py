@@ -7,6 +7,7 @@ passes that match ops rather than module names, train them, and lower the result
 import os
 from typing import Any
 
+from . import ort  # adaptc.ort.generate: an exported text-generation folder under ONNX Runtime
 from .api import inject, inspect_sites, load_adapter
 from .capture import CapturedGraphModule, capture
 from .config import LoraConfig, PrefixConfig, PromptConfig, PTuningConfig
@@ -40,6 +41,9 @@ def export_onnx(
     **options: Any,
 ) -> Any:
     """Merge, export to ONNX, optimize for ONNX Runtime and check parity; returns the report.
+
+    ``task="text-generation"`` writes a folder with a decoder that keeps a key/value cache, for
+    onnxruntime-genai and :mod:`adaptc.ort` (``adaptc.targets.onnx_decoder``).
 
     See ``adaptc.targets.onnx.export_onnx``. Imported lazily: onnx, onnxscript and
     onnxruntime are optional dependencies, needed only here.
@@ -78,6 +82,7 @@ __all__ = [
     "inject",
     "inspect_sites",
     "load_adapter",
+    "ort",
     "QuantConfig",  # QLoRA (adaptc.passes.quantize)
     "quantize_model",
     "register_method",

@@ -37,7 +37,7 @@ from .passes.lora import lora_param_count, rank_deficient, rank_error
 from .passes.quantize import make_quant_config, weight_bytes
 from .passes.selection import matches
 from .plot import sites_plot
-from .tables import few, in_out, number, table
+from .tables import expert_groups, few, in_out, number, site_kind, table
 
 PROG = "adaptc"
 
@@ -67,7 +67,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         if rank_error(site, args.r) is None:
             added = lora_param_count(site, args.r)
             added_all += added
-            added_linear += added if matches("all-linear", site) else 0
+            added_linear += added if matches("all-linear", site) or site.kind == "experts" else 0  # (LoRA's rule)
             lora = number(added)
             if rank_deficient(site, args.r):  # allowed, as in PEFT; the update's rank is capped by the weight
                 deficient.append(site.name)
@@ -75,8 +75,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         else:
             lora = "- (r too large)"  # inject would refuse this rank here
         rows.append([
-            site.name, site.kind, site.op, site.shapes(), in_out(site),
-            "" if site.layer is None else site.layer, "head" if site.is_head else "", lora,
+            site.name, site_kind(site), site.op, site.shapes(), in_out(site),
+            "" if site.layer is None else site.layer, "head" if site.is_head else "router" if site.is_router else "", lora,
         ])
     headers = ["site", "kind", "op", "weight", "in->out", "layer", "head", f"lora r={args.r}"]
     print(table(headers, rows, right=(5, 7)))
@@ -85,6 +85,10 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     for site in sites:
         kinds[site.kind] = kinds.get(site.kind, 0) + 1
     breakdown = ", ".join(f"{n} {kind}" for kind, n in kinds.items())
+    breakdown += "".join(
+        f"; {site.name.rpartition('.')[2]}: {len(group)} weights of {site.experts} experts"
+        for group in expert_groups(sites).values() for site in group[:1]
+    )
     print(
         f"total: {len(sites)} sites ({breakdown}); model params {number(total)}; "
         f"rank-{args.r} LoRA adds {number(added_all)} on every site, "
@@ -288,6 +292,7 @@ examples:
   adaptc export examples/tiny_gpt2.py -o model.onnx
   adaptc export examples/tiny_gpt2.py -o model.onnx --quantize int8
   adaptc export examples/tiny_gpt2.py -o model.onnx --no-merge   # + model.default.onnx_adapter
+  adaptc export examples/tiny_gpt2.py --task text-generation -o out/   # a folder onnxruntime-genai runs
 
 Exports the model with a LoRA adapter (a fresh one with the LoRA options given, or the one saved
 in --adapter DIR), optimized for ONNX Runtime and parity-checked against PyTorch; nothing is
@@ -301,9 +306,15 @@ def _add_export_parser(sub: Any, common: argparse.ArgumentParser) -> None:
         description="Export the adapted model to ONNX, optimize it for ONNX Runtime and check parity with PyTorch.",
         epilog=_EXPORT_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    export_p.add_argument("-o", "--output", required=True, metavar="MODEL.onnx", help="where to write the model")
+    export_p.add_argument("-o", "--output", required=True, metavar="MODEL.onnx",
+                          help="where to write the model (a folder with --task text-generation)")
+    export_p.add_argument("--task", choices=["text-generation"],
+                          help="text-generation: a decoder with a key/value cache, genai_config.json and the "
+                               "tokenizer (when the model file defines tokenizer()), for onnxruntime-genai")
     export_p.add_argument("--no-merge", action="store_true", help="keep LoRA swappable: write .onnx_adapter files")
-    export_p.add_argument("--quantize", choices=["int8"], help="also write an int8 (ORT dynamic quantization) model")
+    export_p.add_argument("--quantize", choices=["int8", "int4"],
+                          help="also write an int8 (ORT dynamic quantization) model; with --task text-generation, "
+                               "int8 or int4 (MatMulNBits) replaces the folder's model")
     export_p.add_argument("--opset", type=int, help="ONNX opset (default: the exporter's)")
     export_p.add_argument("--no-optimize", action="store_true", help="skip the fusions and ORT graph optimizations")
     export_p.add_argument("--adapter", metavar="DIR", help="a saved adapter to load instead of a fresh one")
@@ -325,6 +336,10 @@ def _add_export_parser(sub: Any, common: argparse.ArgumentParser) -> None:
 
 def cmd_export(args: argparse.Namespace) -> int:
     config = make_config(args.method, _lora_options(args))  # validated before the model is built
+    if args.quantize == "int4" and args.task is None:
+        raise CliError("--quantize int4 is for --task text-generation; use --quantize int8 for one forward pass")
+    if args.task is not None:
+        return _export_task(args, config)
     model, example = build_from_file(args.model_file)
     if args.adapter is not None:
         adapted = api.load_adapter(model, args.adapter, example_inputs=example)
@@ -335,6 +350,31 @@ def cmd_export(args: argparse.Namespace) -> int:
     report = export_onnx(
         adapted, args.output, merge=not args.no_merge, optimize=not args.no_optimize, opset=args.opset,
         quantize=args.quantize,
+    )
+    print(report.summary())
+    return 0
+
+
+def _export_task(args: argparse.Namespace, config: Any) -> int:
+    """``--task text-generation``: the folder, with the model file's tokenizer() when it defines one."""
+    from .cli_common import build_module_from_file, failed_in_user_code
+    from .targets.onnx import export_onnx
+    from .targets.onnx_decoder import check_folder
+
+    check_folder(args.output)  # a bad output path fails before the model is built
+    module, model, example = build_module_from_file(args.model_file)
+    make_tokenizer = getattr(module, "tokenizer", None)
+    try:
+        tokenizer = make_tokenizer() if callable(make_tokenizer) else None
+    except Exception as exc:
+        raise failed_in_user_code(f"tokenizer() in {args.model_file}", Path(module.__file__).resolve(), exc) from exc
+    if args.adapter is not None:
+        adapted = api.load_adapter(model, args.adapter, example_inputs=example)
+    else:
+        adapted = api.inject(model, config, example_inputs=example)
+    report = export_onnx(
+        adapted, args.output, merge=not args.no_merge, optimize=not args.no_optimize, opset=args.opset,
+        quantize=args.quantize, task=args.task, tokenizer=tokenizer,
     )
     print(report.summary())
     return 0

@@ -47,6 +47,9 @@ class LoraConfig:
     init: str = "default"
     rank_pattern: dict[str, int] = field(default_factory=dict)
     alpha_pattern: dict[str, float] = field(default_factory=dict)
+    # PEFT's target_parameters: mixture-of-experts weights by parameter name (exact or dotted suffix), added
+    # to what ``targets`` picks (``targets=None`` then adapts these only). "all-linear" includes them already.
+    target_parameters: Sequence[str] | None = None
     # One fused LoRA node per group of linear sites reading the same input (passes/lora_fused.py);
     # a run-time choice, not saved with the adapter.
     fuse_siblings: bool = True
@@ -86,7 +89,17 @@ class LoraConfig:
             raise ConfigError("init='pissa' and use_dora=True cannot be combined; pick one")
         compile_selector(self.targets, "targets")
         compile_selector(self.exclude, "exclude")
-        if self.targets is None:
+        if self.target_parameters is not None:
+            names = self.target_parameters
+            if isinstance(names, str) or not isinstance(names, Sequence) or not names or not all(
+                isinstance(n, str) and n for n in names
+            ):
+                raise ConfigError(
+                    f"target_parameters must be a non-empty list of parameter names (e.g. ['mlp.experts.gate_up_proj']), "
+                    f"got {names!r}"
+                )
+            self.target_parameters = list(names)
+        if self.targets is None and not self.target_parameters:
             raise ConfigError("targets is None; give a regular expression, a list of module names or 'all-linear'")
         if self.layers is not None:
             layers = [self.layers] if isinstance(self.layers, int) else self.layers

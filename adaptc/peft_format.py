@@ -42,7 +42,6 @@ _UNSUPPORTED = {
     "modules_to_save": "full copies of whole modules trained beside the LoRA",
     "trainable_token_indices": "trainable embedding rows",
     "layer_replication": "duplicated layers",
-    "target_parameters": "LoRA on bare nn.Parameters (MoE experts)",
     "lora_bias": "a trainable bias on lora_B",
     "use_qalora": "QALoRA's pooled input",
     "alora_invocation_tokens": "activated LoRA (aLoRA)",

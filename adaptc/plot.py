@@ -94,7 +94,7 @@ def sites_plot(rows: Sequence[tuple[str, str, int | None, int]], path: str | Pat
     for name, _, layer, _ in rows:
         if role(name, layer) not in roles:
             roles.append(role(name, layer))
-    colors = {"linear": "tab:blue", "conv": "tab:orange", "embedding": "tab:green"}
+    colors = {"linear": "tab:blue", "conv": "tab:orange", "embedding": "tab:green", "experts": "tab:purple"}
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(max(6, 0.6 * len(columns) + 4), 2 + 0.3 * len(roles) + 2.5),
                                       gridspec_kw={"height_ratios": [max(2, 0.3 * len(roles)), 2]})
     try:

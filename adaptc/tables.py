@@ -29,3 +29,17 @@ def number(value: int) -> str:
 def few(names: Sequence[str], n: int = 4) -> str:
     """The first ``n`` names, and how many more there are."""
     return ", ".join(names[:n]) + (f" and {len(names) - n} more" if len(names) > n else "")
+
+
+def site_kind(site: Any) -> str:
+    """A site's kind for a table: an expert weight shows how many experts it holds (``experts x8``)."""
+    return f"{site.kind} x{site.experts}" if getattr(site, "experts", 0) else site.kind
+
+
+def expert_groups(sites: Sequence[Any]) -> dict[str, list[Any]]:
+    """Expert-weight sites by role (``gate_up_proj``, ``down_proj``: the parameter's name), in first-seen order."""
+    groups: dict[str, list[Any]] = {}
+    for site in sites:
+        if getattr(site, "experts", 0):
+            groups.setdefault(site.name.rpartition(".")[2], []).append(site)
+    return groups

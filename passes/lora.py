@@ -31,6 +31,8 @@ def lora_shapes(site: Site, r: int, use_dora: bool = False) -> dict[str, tuple[i
     """
     if site.kind == "linear":
         shapes = {"lora_A": (r, site.in_features), "lora_B": (site.out_features, r)}
+    elif site.kind == "experts":  # one rank-r update per expert, in PEFT's layout (passes/experts.py)
+        shapes = {"lora_A": (r * site.experts, site.in_features), "lora_B": (site.out_features, r * site.experts)}
     elif site.kind == "conv":
         # A is a grouped conv with the site's kernel (r channels per group), B a 1x1 conv back up.
         groups, dims = site.conv["groups"], site.conv["dims"]

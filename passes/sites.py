@@ -21,11 +21,12 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from . import experts as expert_weights
 from .quantize import QUANT_LINEAR_OPS
 
 aten = torch.ops.aten
 
-KINDS = ("linear", "conv", "embedding")
+KINDS = ("linear", "conv", "embedding", "experts")
 
 
 @dataclass
@@ -33,18 +34,19 @@ class Site:
     """One adaptable weight and the ops that use it."""
 
     name: str  # owner module path; the PEFT-compatible name
-    kind: str  # "linear" | "conv" | "embedding"
+    kind: str  # "linear" | "conv" | "embedding" | "experts" (a 3-D weight of per-expert matrices, passes/experts.py)
     op: str  # e.g. "aten.linear", "aten.addmm", "aten.conv2d"
     weight: str  # dotted parameter name as the graph reads it
     weight_shape: tuple[int, ...]
     in_features: int  # linear: input size; conv: input channels; embedding: vocabulary size
     out_features: int  # linear: output size; conv: output channels; embedding: embedding size
-    fan_in_fan_out: bool = False  # weight stored [in, out] (transformers' Conv1D, x @ W)
+    fan_in_fan_out: bool = False  # weight stored [in, out] (transformers' Conv1D, x @ W; experts: [E, in, out])
     conv: dict[str, Any] | None = None  # stride, padding, dilation, groups, dims
     uses: int = 1
     is_head: bool = False
     layer: int | None = None
     params_added: int = 0  # filled by the pass that adapts it
+    is_router: bool = False  # a mixture-of-experts router: its output picks experts (top-k)
 
     @property
     def is_pointwise_conv(self) -> bool:
@@ -57,8 +59,15 @@ class Site:
 
     @property
     def linear_like(self) -> bool:
-        """Linear layers, x @ W against a parameter, and 1x1 convolutions (a linear map over channels)."""
-        return self.kind == "linear" or self.is_pointwise_conv
+        """Linear layers, x @ W against a parameter and 1x1 convolutions (a linear map over channels); not a
+        mixture-of-experts router (PEFT's ``all-linear`` leaves it out too). Expert weights are not: LoRA's
+        ``all-linear`` adds them itself (adaptc/methods/lora.py), other methods have no layer for them."""
+        return (self.kind == "linear" or self.is_pointwise_conv) and not self.is_router
+
+    @property
+    def experts(self) -> int:
+        """How many experts an ``experts`` site holds (0 for other kinds)."""
+        return self.weight_shape[0] if self.kind == "experts" else 0
 
     def max_rank(self) -> int:
         """The highest rank a LoRA update here can have (per group on a conv).
@@ -388,11 +397,53 @@ def match_ops(gm: fx.GraphModule, model: nn.Module) -> list[OpMatch]:
 
 
 def find_sites(gm: fx.GraphModule, model: nn.Module) -> list[Site]:
-    """Every adaptable site of a captured model, in graph order."""
-    seen: dict[str, Site] = {}
+    """Every adaptable site of a captured model, in graph order (mixture-of-experts weights included)."""
+    order = {node: i for i, node in enumerate(gm.graph.nodes)}
+    seen: dict[str, tuple[int, Site]] = {}
     for match in match_ops(gm, model):
-        seen.setdefault(match.site.name + "/" + match.site.kind, match.site)
-    return list(seen.values())
+        key = match.site.name + "/" + match.site.kind
+        if key not in seen:
+            seen[key] = (order[match.node], match.site)
+        if not match.site.is_router and _picks_experts(match.node):
+            match.site.is_router = True
+    for weight in expert_weights.find_expert_weights(gm):
+        site = _expert_site(weight)
+        seen.setdefault(site.name + "/" + site.kind, (min(order[u.node] for u in weight.uses), site))
+    return [site for _, site in sorted(seen.values(), key=lambda pair: pair[0])]
+
+
+def _expert_site(weight: expert_weights.ExpertWeight) -> Site:
+    experts, first, second = weight.shape
+    out_first = weight.uses[0].out_first
+    out_f, in_f = (first, second) if out_first else (second, first)
+    return Site(
+        name=weight.name, kind="experts", op=weight.uses[0].op, weight=weight.name, weight_shape=weight.shape,
+        in_features=in_f, out_features=out_f, fan_in_fan_out=not out_first, uses=len(weight.uses),
+        layer=layer_index(weight.name),
+    )
+
+
+_MATRIX_OPS = {"linear", "mm", "matmul", "bmm", "addmm", "scaled_dot_product_attention", "_grouped_mm",
+               "grouped_mm", "grouped_mm_fallback", "embedding", "quant_linear"}
+
+
+def _picks_experts(node: fx.Node, limit: int = 64) -> bool:
+    """Whether the op's output reaches a ``topk`` before any other matrix product: a router, whose scores
+    pick each token's experts. Looked at within ``limit`` nodes."""
+    frontier, seen = [node], {node}
+    while frontier and len(seen) < limit:
+        current = frontier.pop(0)
+        for user in current.users:
+            if user in seen:
+                continue
+            seen.add(user)
+            name = getattr(user.target, "_opname", None) or getattr(user.target, "__name__", str(user.target))
+            if name == "topk":
+                return True
+            if user.op == "call_module" or name in _MATRIX_OPS:
+                continue
+            frontier.append(user)
+    return False
 
 
 def site_key(name: str) -> str:

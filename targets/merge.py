@@ -6,8 +6,12 @@ computes what the adapted graph computed:
 
 - LoRA / rsLoRA: ``W <- W + scale * B A`` (``delta_weight()``, shaped like the stored weight:
   ``[in, out]`` for Conv1D, grouped for convolutions, ``[vocab, dim]`` for embeddings);
+- LoRA on mixture-of-experts weights: ``W[e] <- W[e] + scale * B_e A_e`` for every expert of the 3-D
+  weight (``ExpertLoraLayer.delta_weight()``, passes/experts.py), the update the graph adds where it reads W;
 - DoRA: ``W <- m / ||W0 + dW|| * (W + dW)`` per output channel, the norm taken of the stored
-  weight ``W0`` plus this adapter's update, exactly as the adapter's forward does.
+  weight ``W0`` plus this adapter's update, exactly as the adapter's forward does;
+- a layer that also changes the op's bias declares ``bias_name`` and ``merge_bias_into(bias)`` (IA3's
+  output scale ``b <- s * b``; LN tuning writes its trained weight and bias).
 
 A weight that is shared (GPT-2's ``wte`` is ``lm_head``'s weight) is refused: folding an
 embedding update into it would change the head too.
@@ -42,6 +46,8 @@ class WeightMerge:
     layers: list = field(default_factory=list)  # LoraLayer, in graph order from the op outwards
     sites: list[str] = field(default_factory=list)  # "adapter:site" for messages
     quantized: nn.Module | None = None  # the QuantLinear holding ``weight`` packed (passes/quantize.py)
+    # The op's bias, for layers that change it too (``merge_bias_into``: IA3's output scale, LN tuning).
+    bias_name: str | None = None
 
 
 def _owners(model: nn.Module, param: nn.Parameter) -> list[str]:
@@ -94,9 +100,35 @@ def plan(am, names: list[str]) -> list[WeightMerge]:
                 entry = by_weight[id(param)] = WeightMerge(site.weight, param, quantized=owner_of(model, site.weight))
             entry.layers.append(layer)
             entry.sites.append(f"{name}:{site.name}")
+            _plan_bias(entry, layer)
     for entry in by_weight.values():
         _check_mergeable(am, entry)
     return list(by_weight.values())
+
+
+def _plan_bias(entry: WeightMerge, layer) -> None:
+    """Record the bias a layer's merge changes; one that is not a parameter of the model cannot be merged."""
+    if not hasattr(layer, "merge_bias_into") or getattr(layer, "bias_name", None) is None:
+        return
+    if layer.bias_name == "<unknown>" or entry.quantized is not None:
+        raise MergeError(
+            f"cannot merge the adapter at {entry.sites[-1]}: its op adds a bias that is not a parameter of the site's "
+            "module, and the merged update must change it; keep the adapter unmerged (export_onnx merges a copy)"
+        )
+    entry.bias_name = layer.bias_name
+
+
+@torch.no_grad()
+def merged_bias(model: nn.Module, entry: WeightMerge) -> torch.Tensor | None:
+    """The bias with every layer of ``entry`` that changes it folded in (None when none does)."""
+    if entry.bias_name is None:
+        return None
+    stored = model.get_parameter(entry.bias_name).detach()
+    current = stored.to(torch.promote_types(stored.dtype, torch.float32))
+    for layer in entry.layers:
+        if getattr(layer, "bias_name", None) is not None:
+            current = layer.merge_bias_into(current)
+    return current.to(stored.dtype)
 
 
 def _check_mergeable(am, entry: WeightMerge) -> None:
@@ -126,10 +158,11 @@ def merged_weight(entry: WeightMerge) -> torch.Tensor:
     return current.to(stored.dtype)
 
 
-def _check_finite(entries: list[WeightMerge]) -> None:
+def _check_finite(model: nn.Module, entries: list[WeightMerge]) -> None:
     bad = []
     for entry in entries:
-        if not torch.isfinite(merged_weight(entry)).all():
+        bias = merged_bias(model, entry)
+        if not torch.isfinite(merged_weight(entry)).all() or (bias is not None and not torch.isfinite(bias).all()):
             bad.append(f"{entry.weight_name} (from {', '.join(entry.sites)})")
     if bad:
         raise MergeError(
@@ -163,14 +196,17 @@ def merge(am, safe: bool = False, requantize: bool = False) -> nn.Module:
         )
     entries = plan(am, names)  # raises before any weight is written
     if safe:
-        _check_finite(entries)  # computed twice rather than holding a copy of every weight
+        _check_finite(am.base_model, entries)  # computed twice rather than holding a copy of every weight
         _check_prompts_finite(am, prompts)
     with torch.no_grad():
         for entry in entries:
             if entry.quantized is not None:
                 _write_quantized(am.base_model, entry, merged_weight(entry), requantize)
             else:
+                bias = merged_bias(am.base_model, entry)
                 entry.weight.copy_(merged_weight(entry))
+                if bias is not None:
+                    am.base_model.get_parameter(entry.bias_name).copy_(bias)
     for name in names:
         am.delete_adapter(name)
     if not prompts:
@@ -205,7 +241,11 @@ def merged_weights(am) -> Iterator[list[WeightMerge]]:
     originals = [entry.weight.data for entry in entries]
     if any(entry.quantized is not None for entry in entries):
         raise MergeError("merged_weights() cannot swap quantized weights in place; use merged_copy(am) (export does)")
+    biases = [(am.base_model.get_parameter(e.bias_name), merged_bias(am.base_model, e)) for e in entries if e.bias_name]
+    bias_originals = [param.data for param, _ in biases]
     try:
+        for param, value in biases:  # computed from the original weights and biases, before any swap
+            param.data = value
         for entry in entries:
             entry.weight.data = merged_weight(entry)
         with am.disable_adapters(lora_adapters(am)):  # prompt methods stay on: the graph carries them
@@ -213,6 +253,8 @@ def merged_weights(am) -> Iterator[list[WeightMerge]]:
     finally:
         for entry, original in zip(entries, originals):
             entry.weight.data = original
+        for (param, _), original in zip(biases, bias_originals):
+            param.data = original
 
 
 def _write_quantized(model: nn.Module, entry: WeightMerge, weight: torch.Tensor, requantize: bool) -> None:
@@ -237,6 +279,9 @@ def merged_copy(am) -> nn.Module:
     clone = copy.deepcopy(am.base_model)
     for entry in entries:
         weight = merged_weight(entry)
+        bias = merged_bias(am.base_model, entry)
+        if bias is not None:
+            clone.get_parameter(entry.bias_name).copy_(bias)
         if entry.quantized is not None:
             module = clone.get_submodule(entry.weight_name.rpartition(".")[0])
             _write_quantized(clone, WeightMerge(entry.weight_name, module.weight, quantized=module), weight, False)

@@ -8,8 +8,8 @@ from typing import Any
 import torch
 
 from adaptc.config import LoraConfig
-from adaptc.errors import AdaptcError
-from adaptc.passes import lora, lora_fused
+from adaptc.errors import AdaptcError, TargetError
+from adaptc.passes import experts, lora, lora_fused
 from adaptc.passes.manager import GraphPass
 from adaptc.passes.selection import select
 from adaptc.passes.sites import site_key
@@ -30,6 +30,7 @@ class LoraPass(GraphPass):
 
     def run(self, gm: torch.fx.GraphModule) -> bool:
         count = lora.insert(gm, self.model, self.layers, self.prefix)
+        count += experts.insert(gm, self.layers, self.prefix)  # mixture-of-experts weights, where they are read
         if self.config.fuse_siblings:
             lora_fused.fuse_siblings(gm, self.prefix)
         if count < self.expected_uses:
@@ -41,6 +42,29 @@ class LoraPass(GraphPass):
         return count > 0
 
 
+def _chosen_sites(sites: list, config: LoraConfig) -> list:
+    """What ``targets`` picks plus the expert weights ``target_parameters`` names (PEFT's two lists);
+    ``"all-linear"`` includes every expert weight (within ``exclude`` and ``layers``)."""
+    pick = (config.exclude, config.layers, config.layers_pattern)
+    chosen = select(sites, config.targets, *pick) if config.targets is not None else []
+    every_expert = [s.name for s in sites if s.kind == experts.KIND]
+    if config.targets == "all-linear" and every_expert:
+        try:
+            chosen += [s for s in select(sites, every_expert, *pick) if s not in chosen]
+        except TargetError:  # all excluded, or outside ``layers``
+            pass
+    if config.target_parameters:
+        named = [s for s in select(sites, config.target_parameters, *pick) if s.kind == experts.KIND]
+        if not named:
+            raise TargetError(
+                f"target_parameters={config.target_parameters!r} names no mixture-of-experts weight of the model "
+                "(a 3-D parameter applied per expert); `adaptc inspect` lists them as kind 'experts'"
+            )
+        chosen += [s for s in named if s not in chosen]
+    order = {id(site): i for i, site in enumerate(sites)}
+    return sorted(chosen, key=lambda site: order[id(site)])  # graph order, as the sites are
+
+
 class LoraMethod(Method):
     name = "lora"
     config_class = LoraConfig
@@ -50,9 +74,13 @@ class LoraMethod(Method):
     mixed_batch = True  # LoraLayer applies its update to the rows a mixed batch gives it
 
     def build(self, am: Any, adapter_name: str, config: LoraConfig) -> AdapterBuild:
-        chosen = select(am.all_sites, config.targets, config.exclude, config.layers, config.layers_pattern)
+        chosen = _chosen_sites(am.all_sites, config)
         chosen = [dataclasses.replace(site) for site in chosen]  # params_added is per adapter
-        layers = lora.build_layers(chosen, config, am.base_model)
+        expert_sites = [site for site in chosen if site.kind == experts.KIND]
+        experts.check_config(expert_sites, config)  # before build_layers may change a weight (PiSSA)
+        plain = [site for site in chosen if site.kind != experts.KIND]
+        layers = lora.build_layers(plain, config, am.base_model) if plain else {}
+        layers.update(experts.build_layers(expert_sites, config, am.base_model))
         graph_pass = LoraPass(am.base_model, dict(layers), adapter_prefix(adapter_name), config,
                               sum(site.uses for site in chosen))
         return AdapterBuild(config, chosen, {site_key(n): layer for n, layer in layers.items()}, graph_pass)

@@ -14,10 +14,12 @@ import torch
 from adaptc.checkpoint_files import Checkpoint
 from adaptc.config import LoraConfig
 from adaptc.errors import AdaptcError, CheckpointError
-from adaptc.passes.lora import RankDeficientWarning
+from adaptc.passes import experts
+from adaptc.passes.lora import RankDeficientWarning, lora_shapes
 from adaptc.passes.selection import select
 from adaptc.passes.sites import site_key
 from adaptc.peft_format import (
+    PREFIX,
     FileLora,
     conv_groups,
     exact_pattern,
@@ -42,6 +44,12 @@ def save(am: Any, name: str) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     tensors: dict[str, torch.Tensor] = {}
     peft_rank: dict[str, int] = {}
     peft_alpha: dict[str, float] = {}
+    expert_sites = [site for site in sites if site.kind == experts.KIND]
+    for site_name, path in expert_paths(am.base_model, [s.name for s in expert_sites]).items():
+        layer = am.adapters[name][site_key(site_name)]
+        for param in ("lora_A", "lora_B"):  # PEFT's layout already (passes/experts.py)
+            tensors[f"{PREFIX}{path}.{param}.weight"] = getattr(layer, param).detach().cpu().contiguous().clone()
+    sites = [site for site in sites if site.kind != experts.KIND]
     for site in sites:
         layer = am.adapters[name][site_key(site.name)]
         own = {param: p.detach().cpu() for param, p in layer.named_parameters(recurse=False)}
@@ -52,14 +60,71 @@ def save(am: Any, name: str) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
             peft_rank[site.name] = layer.r * groups
             peft_alpha[site.name] = layer.alpha * (math.sqrt(groups) if config.rslora else groups)
     _warn_peft_differences(am, name, config, sites)
-    return peft_fields(config, sites, peft_rank, peft_alpha), tensors
+    fields = peft_fields(config, sites, peft_rank, peft_alpha)
+    if expert_sites:  # PEFT's target_parameters: the 3-D weights by full name
+        # (target_modules stays a list, [] if empty: PEFT fills a null one with its defaults for the model type)
+        fields["target_parameters"] = [site.name for site in expert_sites]
+    if any(site.kind == experts.KIND for site in am.all_sites):
+        _warn_peft_renames(name, sites)
+    return fields, tensors
+
+
+# Module names PEFT 0.21 reads as transformers 4's per-expert modules in a mixture-of-experts model and
+# rewrites into target_parameters on load (its checkpoint conversion for Mixtral, Qwen-MoE, DeepSeek-V3).
+_PEFT_EXPERT_NAMES = ("w1", "w2", "w3", "gate_proj", "up_proj", "down_proj", "gate")
+
+
+def _warn_peft_renames(name: str, sites: list) -> None:
+    renamed = [site.name for site in sites if site.name.rpartition(".")[2] in _PEFT_EXPERT_NAMES]
+    if renamed:
+        warn_user(
+            f"adapter {name!r}: PEFT will not load the LoRA of {few(renamed)} as saved: in a mixture-of-experts "
+            "model it reads target_modules named like transformers 4's expert modules (gate_proj, up_proj, "
+            "down_proj, w1-w3, gate) as the experts' fused weights. adaptc loads the checkpoint exactly"
+        )
+
+
+def expert_paths(model: torch.nn.Module, names: list[str]) -> dict[str, str]:
+    """PEFT's module path of the LoRA of each expert weight in ``names`` (full parameter names).
+
+    PEFT wraps the module that owns the weights once per adapted parameter, in the order the module
+    registers them, each wrapper around the last: the first parameter's LoRA ends up innermost,
+    ``<owner>.base_layer.lora_A`` with two adapted, the last one's ``<owner>.lora_A``.
+    """
+    adapted: dict[str, set[str]] = {}
+    for name in names:
+        owner, _, attr = name.rpartition(".")
+        adapted.setdefault(owner, set()).add(attr)
+    paths = {}
+    for owner, attrs in adapted.items():
+        module = model.get_submodule(owner)
+        ordered = [attr for attr, _ in module.named_parameters(recurse=False) if attr in attrs]
+        for i, attr in enumerate(ordered):
+            paths[f"{owner}.{attr}"] = owner + ".base_layer" * (len(ordered) - 1 - i)
+    return paths
+
+
+def _expert_modules(am: Any, by_module: dict[str, dict], config: dict) -> dict[str, dict]:
+    """``by_module`` with PEFT's module paths of expert-weight LoRAs (``experts.base_layer``...) renamed to the
+    expert weights they adapt, found with PEFT's own rule from the file's ``target_parameters``."""
+    targets = config.get("target_parameters") or []
+    if not targets:
+        return by_module
+    # A 2-D target (PEFT rewrites a router ``gate`` into ``gate.weight``) keeps its module's key: a linear site.
+    expert_names = {site.name for site in am.all_sites if site.kind == experts.KIND}
+    names = []
+    for name, _ in am.base_model.named_parameters(remove_duplicate=False):
+        if name in expert_names and (name in targets or any(name.endswith("." + t) for t in targets)):
+            names.append(name)
+    paths = {path: name for name, path in expert_paths(am.base_model, names).items()}
+    return {paths.get(module, module): params for module, params in by_module.items()}
 
 
 def _warn_peft_differences(am: Any, name: str, config: LoraConfig, sites: list) -> None:
     """adaptc reloads every adapter it saves; PEFT cannot reproduce a few sites. Say which, at save time."""
     params = dict(am.base_model.named_parameters(remove_duplicate=False))
     notes = []
-    for site in sites:
+    for site in sites:  # (expert weights are PEFT's target_parameters, not modules: not here)
         reason = peft_difference(site, config.use_dora)
         if reason is None:
             try:  # PEFT wraps modules: the site must be a module whose .weight is the adapted weight
@@ -92,7 +157,7 @@ def plan_load(am: Any, ckpt: Checkpoint) -> tuple[LoraConfig, dict[str, _SitePla
     Reads only; every mismatch raises CheckpointError naming the key, the shapes or the file.
     """
     file_lora = read_file_lora(ckpt.config, str(ckpt.config_path))
-    by_module = _group_keys(ckpt)
+    by_module = _expert_modules(am, _group_keys(ckpt), ckpt.config)
     sites = _match_sites(am, by_module, ckpt)
     plans: dict[str, _SitePlan] = {}
     missing: list[str] = []
@@ -104,10 +169,13 @@ def plan_load(am: Any, ckpt: Checkpoint) -> tuple[LoraConfig, dict[str, _SitePla
         rank = _stored_rank(site, rank, params, ckpt.config, file_lora.use_dora)
         if site.kind == "embedding" and file_lora.use_dora:
             raise CheckpointError(f"{ckpt.weights_path}: DoRA on the embedding {module}; adaptc has DoRA on linear and conv only")
+        if site.kind == experts.KIND and file_lora.use_dora:
+            raise CheckpointError(f"{ckpt.config_path}: DoRA on the expert weight {module}; PEFT and adaptc have "
+                                  "plain LoRA on mixture-of-experts weights only")
         groups = conv_groups(site)
         if rank % groups:
             raise CheckpointError(f"{ckpt.config_path}: r={rank} for {module} is not a multiple of its groups={groups}")
-        expected = peft_shapes(site, rank, file_lora.use_dora)
+        expected = lora_shapes(site, rank) if site.kind == experts.KIND else peft_shapes(site, rank, file_lora.use_dora)
         missing += [key_for(module, p) for p in expected if p not in params]
         extra += [key_for(module, p) for p in params if p not in expected]
         for param, shape in expected.items():
@@ -208,6 +276,7 @@ def _stated_config(config: dict[str, Any], file_lora: FileLora) -> LoraConfig | 
         options = {
             "r": file_lora.r, "alpha": file_lora.alpha, "dropout": config.get("lora_dropout", 0.0),
             "targets": config.get("target_modules"), "exclude": config.get("exclude_modules"),
+            "target_parameters": config.get("target_parameters") or None,
             "layers": config.get("layers_to_transform"), "layers_pattern": config.get("layers_pattern"),
             "rslora": file_lora.rslora, "use_dora": file_lora.use_dora,
             "rank_pattern": file_lora.rank_pattern, "alpha_pattern": file_lora.alpha_pattern,
