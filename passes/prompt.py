@@ -9,11 +9,15 @@ on the model, and the model is captured again with them, so tracing derives ever
   zeros, labels -100), and the lookup's output has those rows replaced by the prompt. That
   is exactly PEFT's ``cat(prompt, embed(ids))`` passed as ``inputs_embeds``, so position
   embeddings, masks and losses see the longer sequence.
-- Any other model: the prompt is inserted into the output of the module that produces the
-  sequence entering the first attention, after its class/distillation tokens.
+- Any other model: the prompt is inserted into the sequence entering the first attention (the
+  output of the module that produces it, or the first argument of the module that takes it),
+  after its class/distillation tokens, along its sequence axis ([batch, sequence, hidden] or
+  [sequence, batch, hidden]). Attention masks made for the shorter sequence are widened with
+  unmasked columns; modules that count leading tokens (rotary ViTs) count the virtual ones too.
 
 Sequence outputs come back aligned with the caller's tokens: the virtual positions are
-removed from every output tensor shaped ``[batch, extended length, ...]``.
+removed from every output tensor shaped ``[batch, extended length, ...]`` (or, for a
+time-first stream, ``[extended length, batch, ...]``).
 """
 
 from __future__ import annotations
@@ -122,6 +126,7 @@ class SequenceEdit:
 
     def __init__(self, adapter: PromptAdapter) -> None:
         self.adapter = adapter
+        self._output_axis: int | None = None  # the sequence axis of time-first models' outputs, once seen
 
     @property
     def prefill_tokens(self) -> int | None:
@@ -143,15 +148,22 @@ class SequenceEdit:
                 model.register_forward_pre_hook(self._extend_inputs(model, state), with_kwargs=True),
                 target.register_forward_hook(self._replace_rows(state)),
             ]
+        elif entry.where == "input":  # the stream is the first argument of the module (a Conformer's first layer)
+            handles = [
+                model.register_forward_pre_hook(self._start(state), with_kwargs=True),
+                target.register_forward_pre_hook(self._insert_input(state), with_kwargs=True),
+            ]
         else:
             handles = [
                 model.register_forward_pre_hook(self._start(state), with_kwargs=True),
                 target.register_forward_hook(self._insert(state)),
             ]
         handles.append(model.register_forward_hook(self._strip(state), with_kwargs=True))
+        sequence = entry.kind == "sequence"
         try:
-            with lookup, _masks_grown(entry.insert_at, self.adapter.num_virtual_tokens) if entry.kind == "sequence" \
-                    else contextlib.nullcontext():
+            with lookup, _masks_grown(entry.insert_at, self.adapter.num_virtual_tokens) if sequence \
+                    else contextlib.nullcontext(), _prefix_counts(model, entry.prefix_modules,
+                                                                  self.adapter.num_virtual_tokens):
                 yield
         finally:
             for handle in handles:
@@ -212,21 +224,36 @@ class SequenceEdit:
         return hook
 
     def _insert(self, state: dict):
-        at = self.adapter.entry.insert_at
-
         def hook(_module, _args, out):
-            if not isinstance(out, torch.Tensor) or out.dim() != 3 or state.get("fired", True):
-                return out
-            state.update(fired=True, batch=out.shape[0], length=out.shape[1], start=at)
-            prompt = self.adapter.prompt().to(out.dtype).expand(out.shape[0], -1, -1)
-            return torch.cat([out[:, :at], prompt, out[:, at:]], dim=1)
+            return self._extended(out, state)
 
         return hook
+
+    def _insert_input(self, state: dict):
+        def hook(_module, args, kwargs):
+            if not args:
+                return None
+            return (self._extended(args[0], state), *args[1:]), kwargs
+
+        return hook
+
+    def _extended(self, stream: Any, state: dict) -> Any:
+        """``stream`` with the virtual tokens inserted along its sequence axis (first call only)."""
+        at, axis = self.adapter.entry.insert_at, self.adapter.entry.axis
+        if not isinstance(stream, torch.Tensor) or stream.dim() != 3 or state.get("fired", True):
+            return stream
+        state.update(fired=True, batch=stream.shape[1 - axis], length=stream.shape[axis], start=at)
+        prompt = self.adapter.prompt().to(stream.dtype)
+        prompt = prompt.unsqueeze(1 - axis).expand(*((-1, stream.shape[1], -1) if axis == 0 else (stream.shape[0], -1, -1)))
+        return torch.cat([stream.narrow(axis, 0, at), prompt, stream.narrow(axis, at, stream.shape[axis] - at)], dim=axis)
 
     # -- outputs: drop the virtual positions ---------------------------------------------------------
 
     def _strip(self, state: dict):
         count = self.adapter.num_virtual_tokens
+        # A time-first stream may come out batch-first ([batch, sequence, ...], a Conformer) or as it
+        # is ([sequence, batch, ...]); a text or batch-first stream comes out batch-first.
+        axes = (1, 0) if self.adapter.entry.axis == 0 else (1,)
 
         def hook(_module, _args, _kwargs, out):
             if not state.get("fired"):
@@ -238,10 +265,18 @@ class SequenceEdit:
             batch, length, start = state["batch"], state["length"] + count, state["start"]
 
             def strip(value: Any) -> Any:
-                if isinstance(value, torch.Tensor) and value.dim() >= 2 and value.shape[0] == batch \
-                        and value.shape[1] == length:
-                    return torch.cat([value[:, :start], value[:, start + count:]], dim=1)
-                return value
+                if not isinstance(value, torch.Tensor) or value.dim() < 2:
+                    return value
+                matching = [a for a in axes if value.shape[1 - a] == batch and value.shape[a] == length]
+                if len(matching) > 1:  # batch == extended length: the layout the outputs had when it was clear
+                    matching = [self._output_axis] if self._output_axis is not None else matching
+                elif len(matching) == 1 and len(axes) > 1:
+                    self._output_axis = matching[0]
+                if not matching:
+                    return value
+                axis = matching[0]
+                return torch.cat([value.narrow(axis, 0, start), value.narrow(axis, start + count,
+                                                                             value.shape[axis] - start - count)], dim=axis)
 
             return _map_output(strip, out)
 
@@ -274,34 +309,68 @@ def _masks_grown(at: int, count: int) -> Iterator[None]:
     """Masks built from the sequence before the virtual tokens were inserted grow with them.
 
     A model that builds its attention mask from the sequence's length (wav2vec2 does, from the
-    feature projection's output) hands attention a mask ``count`` columns short. While the model
-    is captured, ``F.scaled_dot_product_attention`` is wrapped to insert visible columns (and
-    rows, for a per-query mask) at the virtual tokens' position; tracing records the edit in
-    the graph. Capture is single-threaded, so the wrapper is never seen by other code.
+    feature projection's output; a Conformer makes a key padding mask from its ``lengths``) hands
+    attention a mask ``count`` columns short. While the model is captured,
+    ``F.scaled_dot_product_attention`` and ``F.multi_head_attention_forward`` (what
+    nn.MultiheadAttention calls) are wrapped to insert visible columns (and rows, for a per-query
+    mask) at the virtual tokens' position: the virtual tokens are never masked. Tracing records the
+    edit in the graph. Capture is single-threaded, so the wrappers are never seen by other code.
     """
-    original = F.scaled_dot_product_attention
+    sdpa_original, mha_original = F.scaled_dot_product_attention, F.multi_head_attention_forward
 
-    def widen(mask: torch.Tensor, axis: int, size: int) -> torch.Tensor:
+    def widen(mask: torch.Tensor, axis: int, size: int, visible: bool) -> torch.Tensor:
         if mask.shape[axis] == 1 or mask.shape[axis] == size:
             return mask
         shape = list(mask.shape)
         shape[axis] = count
-        visible = mask.new_ones(shape) if mask.dtype == torch.bool else mask.new_zeros(shape)
+        fill = mask.new_full(shape, visible) if mask.dtype == torch.bool else mask.new_zeros(shape)
         before = mask.narrow(axis, 0, at)
         after = mask.narrow(axis, at, mask.shape[axis] - at)
-        return torch.cat([before, visible, after], dim=axis)
+        return torch.cat([before, fill, after], dim=axis)
 
     def sdpa(query, key, value, attn_mask=None, *args, **kwargs):
-        if isinstance(attn_mask, torch.Tensor) and attn_mask.dim() >= 2:
-            attn_mask = widen(attn_mask, -1, key.shape[-2])
-            attn_mask = widen(attn_mask, -2, query.shape[-2])
-        return original(query, key, value, attn_mask, *args, **kwargs)
+        if isinstance(attn_mask, torch.Tensor) and attn_mask.dim() >= 2:  # a True means "attend"
+            attn_mask = widen(attn_mask, -1, key.shape[-2], True)
+            attn_mask = widen(attn_mask, -2, query.shape[-2], True)
+        return sdpa_original(query, key, value, attn_mask, *args, **kwargs)
 
-    F.scaled_dot_product_attention = sdpa
+    def mha(query, key, value, *args, key_padding_mask=None, attn_mask=None, **kwargs):
+        # nn.MultiheadAttention's masks: a True means "do not attend"; query and key are [length, batch, E].
+        if isinstance(key_padding_mask, torch.Tensor) and key_padding_mask.dim() >= 1:
+            key_padding_mask = widen(key_padding_mask, -1, key.shape[0], False)
+        if isinstance(attn_mask, torch.Tensor) and attn_mask.dim() >= 2:
+            attn_mask = widen(attn_mask, -1, key.shape[0], False)
+            attn_mask = widen(attn_mask, -2, query.shape[0], False)
+        return mha_original(query, key, value, *args, key_padding_mask=key_padding_mask, attn_mask=attn_mask, **kwargs)
+
+    # nn.MultiheadAttention's inference fast path (batch_first, no grad) calls a fused kernel, not the function.
+    fastpath = torch.backends.mha.get_fastpath_enabled()
+    F.scaled_dot_product_attention, F.multi_head_attention_forward = sdpa, mha
+    torch.backends.mha.set_fastpath_enabled(False)
     try:
         yield
     finally:
-        F.scaled_dot_product_attention = original
+        F.scaled_dot_product_attention, F.multi_head_attention_forward = sdpa_original, mha_original
+        torch.backends.mha.set_fastpath_enabled(fastpath)
+
+
+@contextlib.contextmanager
+def _prefix_counts(model: nn.Module, names: tuple[str, ...], count: int) -> Iterator[None]:
+    """The modules that count the sequence's leading tokens count the virtual tokens among them, for one call.
+
+    timm's rotary attention (EVA-02) rotates every token after its ``num_prefix_tokens`` class and
+    register tokens by a table sized to the patch grid; the virtual tokens sit right after those
+    tokens, so counting them as prefix tokens leaves them unrotated (no position, like the class
+    token) and every patch keeps its own angles.
+    """
+    modules = [model.get_submodule(name) for name in names]
+    for module in modules:
+        module.num_prefix_tokens += count
+    try:
+        yield
+    finally:
+        for module in modules:
+            module.num_prefix_tokens -= count
 
 
 def _flat_arguments(bound: inspect.BoundArguments) -> dict[str, Any]:

@@ -7,8 +7,11 @@ names, so they serve text, vision and audio models alike:
   (query heads, key/value heads before any grouped-query repeat, head size).
 - :func:`find_sequence_entry`: for text models the token-embedding lookup fed straight from an
   integer input (PEFT inserts virtual tokens there); otherwise the residual stream entering the
-  first attention (a ViT's patch tokens plus class token, a wav2vec2's projected features),
-  located in the graph and tied to the module whose forward returns it.
+  first attention (a ViT's patch tokens plus class token, a wav2vec2's projected features, a
+  Conformer's frames), located in the graph and tied to the module whose forward returns it or,
+  failing that, takes it as its first argument. The stream may be laid out [batch, sequence,
+  hidden] or [sequence, batch, hidden] (nn.MultiheadAttention's layout, inside the module even
+  with ``batch_first=True``); its sequence axis is the one that has the attention's query length.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from adaptc.errors import TargetError
 from adaptc.inputs import Inputs
 
 from . import speedups
-from .attention import _MATMUL, _match
+from .attention import _MATMUL, _SOFTMAX, _match
 
 _SDPA = {torch.ops.aten.scaled_dot_product_attention.default, F.scaled_dot_product_attention}
 _EMBEDDING = {torch.ops.aten.embedding.default, F.embedding}
@@ -74,12 +77,21 @@ class SequenceEntry:
     ids_input: str | None = None  # the input holding token ids (text)
     vocab: int = 0
     table: str | None = None  # the looked-up parameter, when the model's own forward calls F.embedding on it
+    axis: int = 1  # the sequence axis of the stream: 1 for [batch, sequence, hidden], 0 for [sequence, batch, hidden]
+    where: str = "output"  # the stream is the module's output, or ("input") its first argument
+    # Modules after the insertion that count leading tokens (timm's num_prefix_tokens): they count the virtual ones too.
+    prefix_modules: tuple[str, ...] = ()
 
     def describe(self) -> str:
         if self.kind == "token-embedding":
             where = f"F.embedding on {self.table!r}" if self.table else self.module
             return f"token embedding {where} (ids from {self.ids_input!r}, vocab {self.vocab}, hidden {self.hidden})"
-        return f"sequence at the output of {self.module or 'the model input'} (hidden {self.hidden}, inserted at {self.insert_at})"
+        layout = "[sequence, batch, hidden]" if self.axis == 0 else "[batch, sequence, hidden]"
+        text = (f"sequence at the {self.where} of {self.module or 'the model input'} ({layout}, hidden {self.hidden}, "
+                f"inserted at {self.insert_at})")
+        if self.prefix_modules:
+            text += f"; counted as prefix tokens by {len(self.prefix_modules)} modules (no rotary position)"
+        return text
 
 
 def _val(node: Any) -> Any:
@@ -209,11 +221,19 @@ def _first_attention(gm: fx.GraphModule) -> fx.Node | None:
 
 def _query_projection_input(attention: fx.Node) -> fx.Node | None:
     """The input of the linear op that makes the attention's queries."""
-    node, steps = attention.args[0], 0
+    return _query_projection_input_from(attention.args[0], 0)
+
+
+def _query_projection_input_from(node: Any, steps: int) -> fx.Node | None:
     while isinstance(node, fx.Node) and steps < 16:
         if node.op == "call_function" and node.target in _LINEAR:
             x = node.args[1] if node.target is torch.ops.aten.addmm.default else node.args[0]
             return x if isinstance(x, fx.Node) else None
+        if node.op == "call_function" and node.target in (torch.ops.aten.cat.default, torch.cat):
+            # Rotary embeddings applied to all but the prefix tokens (EVA): cat([q[:, :, :n], rope(q[:, :, n:])]).
+            parts = [p for p in node.args[0] if isinstance(p, fx.Node)]
+            found = (_query_projection_input_from(p, steps + 1) for p in parts)
+            return next((x for x in found if x is not None), None)
         if node.op == "call_module":
             return node.args[0] if node.args and isinstance(node.args[0], fx.Node) else None
         if not node.args:
@@ -224,57 +244,7 @@ def _query_projection_input(attention: fx.Node) -> fx.Node | None:
     return None
 
 
-def _stream_value(gm: fx.GraphModule, target: fx.Node, inputs: Inputs) -> torch.Tensor:
-    """Run the graph to ``target`` and return its value."""
-
-    class _Found(Exception):
-        pass
-
-    class _Runner(fx.Interpreter):
-        def run_node(self, n):
-            value = super().run_node(n)
-            if n is target:
-                found = _Found()
-                found.value = value  # not in args: fx's Interpreter rewrites args[0] into a message
-                raise found
-            return value
-
-    flat = [leaf for leaf in inputs.flat()]
-    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    try:
-        with torch.no_grad():
-            _Runner(gm).run(*flat[: len(placeholders)])
-    except _Found as found:
-        return found.value
-    raise TargetError("internal error: the sequence node was not reached when running the graph")
-
-
-def _module_returning(model: nn.Module, inputs: Inputs, value: torch.Tensor) -> str | None:
-    """The first module (in execution order) whose forward returns ``value``, by dotted path."""
-    found: list[str] = []
-    names = {m: n for n, m in model.named_modules()}
-    handles = []
-
-    def record(module, _args, out):
-        if found:
-            return
-        tensor = out if isinstance(out, torch.Tensor) else None
-        if tensor is not None and tensor.shape == value.shape and torch.equal(tensor, value):
-            found.append(names[module])
-
-    for module in names:
-        if module is not model:
-            handles.append(module.register_forward_hook(record))
-    try:
-        with torch.no_grad():
-            model(*inputs.args, **inputs.kwargs)
-    finally:
-        for handle in handles:
-            handle.remove()
-    return found[0] if found else None
-
-
-def _class_tokens(stream: fx.Node) -> int:
+def _class_tokens(stream: fx.Node, axis: int = 1) -> int:
     """Tokens concatenated in front of the main sequence (class / distillation tokens), if any."""
     frontier, seen = [stream], set()
     while frontier:
@@ -286,8 +256,8 @@ def _class_tokens(stream: fx.Node) -> int:
             parts = node.args[0]
             dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
             shapes = [_shape(p) for p in parts]
-            if all(s and len(s) == 3 for s in shapes) and dim in (1, -2):
-                sizes = [_static(s[1]) for s in shapes]
+            if all(s and len(s) == 3 for s in shapes) and dim in (axis, axis - 3):
+                sizes = [_static(s[axis]) for s in shapes]
                 main = max(range(len(parts)), key=lambda i: sizes[i] if sizes[i] is not None else 1 << 30)
                 if all(s is not None for s in sizes[:main]):
                     return sum(sizes[:main])
@@ -297,15 +267,21 @@ def _class_tokens(stream: fx.Node) -> int:
     return 0
 
 
+def _has_softmax(gm: fx.GraphModule) -> bool:
+    return any(node.op == "call_function" and node.target in _SOFTMAX for node in gm.graph.nodes)
+
+
 def find_sequence_entry(gm: fx.GraphModule, model: nn.Module, inputs: Inputs, method: str) -> SequenceEntry:
     """Where ``method``'s virtual tokens go, or a TargetError saying why there is no such place."""
     attention = _first_attention(gm)
-    if attention is None:
+    lookups = _embedding_lookups(gm)
+    # A state-space model (Mamba) mixes its tokens without any attention: its token embeddings are still a
+    # sequence to extend. A softmax means attention adaptc did not recognize (hand-written, soft-capped): refused.
+    if attention is None and not (lookups and not _has_softmax(gm)):
         raise TargetError(
             f"{type(model).__name__} has no attention op (scaled_dot_product_attention), so it has no token "
             f"sequence for {method!r} to extend; use method='lora', which adapts its linear and conv layers"
         )
-    lookups = _embedding_lookups(gm)
     if lookups:
         node, ids, weight_target = max(lookups, key=lambda item: _static(_shape(item[0].args[0])[0]) or 0)
         # The module whose forward does the lookup (a tied weight may be named after the head).
@@ -325,35 +301,232 @@ def find_sequence_entry(gm: fx.GraphModule, model: nn.Module, inputs: Inputs, me
             return SequenceEntry("token-embedding", "", hidden, 0, ids_input, vocab, table=weight_target)
         return SequenceEntry("token-embedding", module, hidden, 0, ids_input, vocab)
     x = _query_projection_input(attention)
-    shape = _shape(x)
-    if x is None or shape is None or len(shape) != 3:
+    if x is None or _shape(x) is None or len(_shape(x)) != 3:
         raise TargetError(
-            f"could not find the [batch, sequence, hidden] input of {type(model).__name__}'s first attention; "
-            f"{method!r} needs it. Use method='lora'"
+            f"could not find the token sequence (a [batch, sequence, hidden] or [sequence, batch, hidden] tensor) "
+            f"that feeds {type(model).__name__}'s first attention; {method!r} needs it. Use method='lora'"
         )
-    # Pre-norm blocks normalise the stream first: step back to the stream itself.
+    query = _shape(attention.args[0])
+    return _stream_entry(gm, model, inputs, method, x, query[-2] if query else None)
+
+
+# --- the sequence entry of a model without token ids --------------------------------------------
+
+# Ops a sequence passes through unchanged in length on its way to the query projection (norms,
+# casts, dropout, the [batch, sequence] <-> [sequence, batch] transposes of nn.MultiheadAttention).
+_PASS_THROUGH = {
+    torch.ops.aten.layer_norm.default, torch.ops.aten.native_layer_norm.default, operator.getitem,
+    torch.ops.aten.transpose.int, torch.ops.aten.permute.default, torch.ops.aten.contiguous.default,
+    torch.ops.aten.clone.default, torch.ops.aten.alias.default, torch.ops.aten._to_copy.default,
+    torch.ops.aten.to.dtype, torch.ops.aten.dropout.default, speedups.dropout, F.layer_norm, F.dropout,
+}
+_ADD = {torch.ops.aten.add.Tensor, operator.add, torch.add}
+_NORMS = {torch.ops.aten.layer_norm.default, torch.ops.aten.native_layer_norm.default, operator.getitem}
+
+
+def _is_ancestor(candidate: fx.Node, node: fx.Node, limit: int = 400) -> bool:
+    """Whether ``candidate`` is upstream of ``node`` (bounded search)."""
+    frontier, seen = [node], set()
+    while frontier and len(seen) < limit:
+        current = frontier.pop()
+        if current is candidate:
+            return True
+        if current in seen:
+            continue
+        seen.add(current)
+        frontier.extend(a for a in current.all_input_nodes)
+    return False
+
+
+_SHAPE_ONLY = {torch.ops.aten.sym_size.int, torch.ops.aten.sym_numel.default, torch.ops.aten.sym_stride.int,
+               torch.ops.aten._assert_tensor_metadata.default}
+
+
+def _data_users(node: fx.Node) -> list[fx.Node]:
+    """The users that read the tensor's values, not only its shape."""
+    return [user for user in node.users if not (user.op == "call_function" and user.target in _SHAPE_ONLY)
+            and "_guards_fn" not in str(user.target)]  # torch.export's input guards read shapes only
+
+
+def _stream_candidates(x: fx.Node) -> list[tuple[fx.Node, bool]]:
+    """Nodes that may hold the token stream, from the query projection's input upstream, each with
+    whether virtual tokens inserted there reach every later use of the stream.
+
+    Steps back through norms and layout ops, and through residual additions ``f(s) + s`` to ``s``
+    (a Conformer block's half-step feed-forward runs before its attention). A node whose stream is
+    also read past it (a pre-norm block's residual reads the stream, not the norm's output) is not
+    a complete insertion point: the residual would add a shorter sequence.
+    """
+    chain, node = [], x
+    while isinstance(node, fx.Node) and len(chain) < 32:
+        chain.append(node)
+        if node.op != "call_function" or not node.args:
+            break
+        if node.target in _PASS_THROUGH and isinstance(node.args[0], fx.Node):
+            node = node.args[0]
+        elif node.target in _ADD and all(isinstance(a, fx.Node) for a in node.args[:2]):
+            a, b = node.args[:2]
+            node = b if _is_ancestor(b, a) else a if _is_ancestor(a, b) else None
+        else:
+            break
+    found, complete = [], True
+    for index in range(len(chain) - 1, -1, -1):  # upstream first, to know what reads past each node
+        node = chain[index]
+        shape = _shape(node)
+        if shape is None or len(shape) == 3:  # no shape metadata (an fx capture): the value is checked later
+            found.append((node, complete))
+        downstream = chain[index - 1] if index else None
+        if downstream is not None and downstream.target not in _ADD and len(_data_users(node)) > 1:
+            complete = False  # something besides the chain reads the stream here
+    return list(reversed(found))
+
+
+def _sequence_axis(shape: tuple, length: Any, batch: int | None) -> int | None:
+    """Which of the first two axes of a 3-d stream is the sequence: the one of the attention's query
+    length (a symbol in a dynamic capture, so exact), else the one that is not the batch."""
+    same = [0, 1] if length is None else [axis for axis in (0, 1) if str(shape[axis]) == str(length)]
+    if len(same) == 1:
+        return same[0]
+    if not same:
+        return None
+    if batch is not None and _static(shape[0]) == batch != _static(shape[1]):
+        return 1
+    if batch is not None and _static(shape[1]) == batch != _static(shape[0]):
+        return 0
+    return 1
+
+
+def _stream_values(gm: fx.GraphModule, targets: list[fx.Node], inputs: Inputs) -> dict[fx.Node, torch.Tensor]:
+    """Run the graph until every node in ``targets`` has a value; return them."""
+    wanted, values = set(targets), {}
+
+    class _Done(Exception):
+        pass
+
+    class _Runner(fx.Interpreter):
+        def run_node(self, n):
+            value = super().run_node(n)
+            if n in wanted:
+                values[n] = value
+                if len(values) == len(wanted):
+                    raise _Done
+            return value
+
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    try:
+        with torch.no_grad():
+            _Runner(gm).run(*inputs.flat()[: len(placeholders)])
+    except _Done:
+        pass
+    return values
+
+
+@dataclass
+class _Call:
+    order: int  # when the module's forward started, in the run's call order
+    end: int = -1  # when it returned (-1: still running)
+
+
+def _modules_holding(model: nn.Module, inputs: Inputs, values: list[torch.Tensor]
+                     ) -> tuple[list[tuple[str, str] | None], dict[str, _Call]]:
+    """For each value, the first module (in execution order) whose forward returns it ("output") or,
+    failing that, takes it as its first argument ("input"); and when each module ran."""
+
+    def matches(tensor: Any, value: torch.Tensor) -> bool:
+        return isinstance(tensor, torch.Tensor) and tensor.shape == value.shape and torch.equal(tensor, value)
+
+    outputs: list[str | None] = [None] * len(values)
+    takers: list[str | None] = [None] * len(values)
+    calls: dict[str, _Call] = {}
+    clock = [0]
+    names = {m: n for n, m in model.named_modules()}
+
+    def before(module, args):
+        clock[0] += 1
+        name = names[module]
+        calls.setdefault(name, _Call(clock[0]))
+        for i, value in enumerate(values):
+            if takers[i] is None and args and matches(args[0], value):
+                takers[i] = name
+
+    def after(module, _args, out):
+        clock[0] += 1
+        call = calls[names[module]]
+        call.end = call.end if call.end >= 0 else clock[0]
+        for i, value in enumerate(values):
+            if outputs[i] is None and matches(out, value):
+                outputs[i] = names[module]
+
+    handles = []
+    for module in names:
+        if module is not model:
+            handles += [module.register_forward_pre_hook(before), module.register_forward_hook(after)]
+    try:
+        with torch.no_grad():
+            model(*inputs.args, **inputs.kwargs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    found = [("output", o) if o else ("input", t) if t else None for o, t in zip(outputs, takers)]
+    return found, calls
+
+
+def _prefix_counters(model: nn.Module, calls: dict[str, _Call], module: str, where: str, insert_at: int) -> tuple[str, ...]:
+    """Modules that run on the extended sequence and keep a count of its leading tokens (timm's
+    ``num_prefix_tokens``: rotary attention leaves those tokens unrotated, patch dropout keeps them)."""
+    entry = calls.get(module)
+    if entry is None:
+        return ()
+    start = entry.end if where == "output" else entry.order
+    found = []
+    for name, sub in model.named_modules():
+        count = getattr(sub, "num_prefix_tokens", None)
+        call = calls.get(name)
+        if (sub is not model and isinstance(count, int) and not isinstance(count, bool) and call is not None
+                and call.order > start and insert_at <= count):
+            found.append(name)
+    return tuple(found)
+
+
+def _read_only_inside(node: fx.Node, module: str) -> bool:
+    """Whether every op that reads ``node``'s values runs inside ``module``'s forward: then
+    inserting tokens into that module's argument reaches them all."""
+    for user in _data_users(node):
+        stack = user.meta.get("nn_module_stack") or {}
+        paths = {entry[0] for entry in stack.values() if isinstance(entry, tuple) and entry}
+        if module not in paths:
+            return False
+    return True
+
+
+def _stream_entry(gm: fx.GraphModule, model: nn.Module, inputs: Inputs, method: str, x: fx.Node,
+                  length: Any) -> SequenceEntry:
+    """The entry of a model whose sequence does not start at a token lookup: the token stream entering
+    its first attention, laid out [batch, sequence, hidden] or [sequence, batch, hidden]."""
+    complete = [node for node, ok in _stream_candidates(x) if ok]
+    # Where both hold the stream, the norm's input goes before its output, then upstream nodes.
     stream = x
-    while (
-        stream.op == "call_function"
-        and stream.target in (torch.ops.aten.layer_norm.default, operator.getitem, torch.ops.aten.native_layer_norm.default)
-        and isinstance(stream.args[0], fx.Node)
-    ):
+    while stream.op == "call_function" and stream.target in _NORMS and isinstance(stream.args[0], fx.Node):
         stream = stream.args[0]
-    value = _stream_value(gm, stream, inputs)
+    complete.sort(key=lambda node: 0 if node is stream else 1 if node is x else 2)
+    values = _stream_values(gm, complete, inputs)
+    complete = [node for node in complete if isinstance(values.get(node), torch.Tensor) and values[node].dim() == 3]
+    holders, calls = _modules_holding(model, inputs, [values[node] for node in complete])
     batch = next((leaf.shape[0] for leaf in inputs.flat() if isinstance(leaf, torch.Tensor) and leaf.dim()), None)
-    if batch is not None and value.shape[0] != batch and value.shape[1] == batch:
-        raise TargetError(
-            f"the token sequence entering {type(model).__name__}'s first attention is laid out [sequence, batch, "
-            f"hidden] (nn.MultiheadAttention's default, as in torchaudio's Conformer); adaptc adds {method!r}'s "
-            "virtual tokens to [batch, sequence, hidden] sequences only. Use method='prefix' or 'lora'"
-        )
-    module = _module_returning(model, inputs, value)
-    if module is None and stream is not x:
-        value = _stream_value(gm, x, inputs)
-        module = _module_returning(model, inputs, value)
-    if module is None:
-        raise TargetError(
-            f"the token sequence entering {type(model).__name__}'s first attention is not the output of a "
-            f"submodule, so adaptc cannot add virtual tokens there; use method='lora' or 'prefix'"
-        )
-    return SequenceEntry("sequence", module, int(value.shape[-1]), _class_tokens(stream))
+    for node, holder in zip(complete, holders):
+        if holder is None:
+            continue
+        value = values[node]
+        axis = _sequence_axis(_shape(node) or tuple(value.shape), length, batch)
+        if axis is None:
+            continue
+        where, module = holder
+        if where == "input" and not _read_only_inside(node, module):
+            continue  # the module is not the only reader (a pre-norm's norm, with the residual outside it)
+        insert_at = _class_tokens(node, axis)
+        return SequenceEntry("sequence", module, int(value.shape[-1]), insert_at, axis=axis, where=where,
+                             prefix_modules=_prefix_counters(model, calls, module, where, insert_at))
+    raise TargetError(
+        f"the token sequence entering {type(model).__name__}'s first attention is neither the output nor the first "
+        f"input of a submodule, so adaptc cannot add {method!r}'s virtual tokens there; use method='lora' or 'prefix'"
+    )

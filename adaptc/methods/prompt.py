@@ -100,8 +100,8 @@ def _check_output_shapes(model: nn.Module, edit: Any, inputs: Any, config: Any) 
                 raise TargetError(
                     f"{type(model).__name__} fails with {config.num_virtual_tokens} virtual tokens added at "
                     f"{edit.adapter.entry.module!r} ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); a model "
-                    "that fixes its sequence length (an image grid in hierarchical vision models, position "
-                    "embeddings of one length as in Whisper's encoder) cannot take extra tokens. Use "
+                    "that fixes its sequence length (an image grid in hierarchical vision models, a table of one "
+                    "length applied after the sequence starts) cannot take extra tokens. Use "
                     "method='prefix' or 'lora'"
                 ) from None
     finally:
