@@ -62,6 +62,14 @@ OPTIONS: dict[str, dict[str, Any]] = {
     "prompt": {"num_virtual_tokens": V},
     "ptuning": {"num_virtual_tokens": V, "encoder_hidden_size": 16},
     "prefix": {"num_virtual_tokens": V},
+    "adalora": {"targets": "all-linear", "init_r": 4, "target_r": 2, "total_step": 10},
+    "oft": {"targets": "all-linear", "oft_block_size": 4},
+    "ia3": {"targets": "all-linear"},
+    "ln_tuning": {},
+    "bottleneck": {"placement": "houlsby", "reduction_factor": 4},
+    "loha": {"target_modules": "all-linear", "r": 4, "alpha": 8},
+    "lokr": {"target_modules": "all-linear", "r": 4, "alpha": 8},
+    "vera": {"target_modules": "all-linear", "r": 8},
 }
 PEFT_CONFIGS: dict[str, Callable[[Arch], Any]] = {
     "lora": lambda arch: peft.LoraConfig(r=4, target_modules="all-linear"),
@@ -69,8 +77,21 @@ PEFT_CONFIGS: dict[str, Callable[[Arch], Any]] = {
     "ptuning": lambda arch: peft.PromptEncoderConfig(
         task_type=arch.peft_task or "FEATURE_EXTRACTION", num_virtual_tokens=V, encoder_hidden_size=16),
     "prefix": lambda arch: peft.PrefixTuningConfig(task_type=arch.peft_task or "FEATURE_EXTRACTION", num_virtual_tokens=V),
+    "adalora": lambda arch: peft.AdaLoraConfig(init_r=4, target_r=2, total_step=10, target_modules="all-linear"),
+    "oft": lambda arch: peft.OFTConfig(oft_block_size=4, target_modules="all-linear"),
+    "ia3": lambda arch: peft.IA3Config(target_modules="all-linear", feedforward_modules=[]),
+    "ln_tuning": lambda arch: peft.LNTuningConfig(),  # PEFT's defaults by model type, as adaptc's
+    "bottleneck": lambda arch: _not_in_peft("bottleneck adapters (AdapterHub's Houlsby / Pfeiffer)"),
+    "loha": lambda arch: peft.LoHaConfig(r=4, alpha=8, target_modules="all-linear"),
+    "lokr": lambda arch: peft.LoKrConfig(r=4, alpha=8, target_modules="all-linear"),
+    "vera": lambda arch: peft.VeraConfig(r=8, target_modules="all-linear"),
 }
 SEQUENCE_METHODS = ("prompt", "ptuning", "prefix")  # need attention; the rest adapt weights
+UNMERGEABLE = ("bottleneck",)  # no merged form: the merge stage expects the clear MergeError
+
+
+def _not_in_peft(what: str) -> Any:
+    raise NotImplementedError(f"PEFT has no {what}")
 
 
 def options(method: str) -> dict[str, Any]:
@@ -116,12 +137,17 @@ def _randomize(am: adaptc.AdaptedModel, seed: int) -> None:
 
 
 def not_applicable(arch: Arch, method: str, error: str) -> bool:
-    """True for the refusals the matrix expects: a prompt method on a model without attention, and prompt
+    """True for the refusals the matrix expects: a prompt method on a model without attention (only prefix
+    tuning on a state-space model, whose token sequence prompt tuning and P-tuning extend), and prompt
     tuning / P-tuning on a model that fixes its sequence length (declared in the zoo)."""
+    if method == "bottleneck":  # adapts transformer blocks: a model without them gets the clear TargetError
+        return not arch.attention and "residual addition" in error
+    if method == "ln_tuning":  # a model without a norm (layer / RMS / group norm) gets the clear TargetError
+        return "no norm with a learned weight" in error
     if method not in SEQUENCE_METHODS:
         return False
     if not arch.attention:
-        return "no attention" in error
+        return "no attention" in error and (method == "prefix" or not arch.state_space)
     return arch.fixed_sequence and method in ("prompt", "ptuning")
 
 
@@ -160,7 +186,7 @@ def _run(arch: Arch, method: str, workdir: Path, result: CellResult) -> None:
         am = adaptc.inject(model, method, example_inputs=batch, **options(method))
     except adaptc.CaptureError as exc:
         raise StageFailed("capture", f"CaptureError: {exc}") from None
-    if method in SEQUENCE_METHODS and not arch.attention:
+    if method in SEQUENCE_METHODS and not arch.attention and (method == "prefix" or not arch.state_space):
         raise StageFailed("inject", "a prompt method was injected into a model without attention; expected the "
                                     "clear error")
     base_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
@@ -220,6 +246,12 @@ def _run(arch: Arch, method: str, workdir: Path, result: CellResult) -> None:
            f"ORT differs from PyTorch by {result.metrics['onnx_diff']:.3e} at batch/length {arch.other}")
 
     result.stage = "merge"
+    if method in UNMERGEABLE:
+        try:
+            am.merge()
+        except adaptc.MergeError:
+            return
+        raise StageFailed("merge", f"{method} has no merged form, but merge() did not raise MergeError")
     merged = am.merge()
     with torch.no_grad():
         got = tensors(call(merged, batch))

@@ -2,10 +2,11 @@
 
 An ``Arch`` says how to build the model (random weights, seeded by the caller), how to make a
 call's inputs at a batch size and length, the sizes of the fixed batch and of a second, new
-shape (the ONNX check), whether it has attention (prompt methods apply only then) and the task
-type PEFT would need for its prompt methods (None: PEFT has none for this kind of model).
-Nothing here downloads anything. The builders the rest of the tests use too (GPT-2, Llama, OPT, BERT,
-T5, ViT, wav2vec 2.0, the conformer, the functional modules) come from the shared zoo, tests/model_zoo.py.
+shape (the ONNX check), whether it has attention (prompt methods apply only then, but for prompt
+tuning and P-tuning on a state-space model's tokens) and the task type PEFT would need for its
+prompt methods (None: PEFT has none for this kind of model). Nothing here downloads anything. The
+builders the rest of the tests use too (GPT-2, Llama, OPT, BERT, T5, ViT, wav2vec 2.0, the conformer,
+the functional modules, the causal-LM families) come from the shared zoo, tests/model_zoo.py.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ if TESTS not in sys.path:  # tests/, for the shared zoo: pytest's conftest puts 
     sys.path.insert(0, TESTS)
 from model_zoo import (  # noqa: E402
     BERT,
+    CAUSAL_LMS,
     VOCAB,
     WAV2VEC2,
     FunctionalConvNet,
@@ -60,6 +62,9 @@ class Arch:
     # attention, LeViT's subsampling) or adds position embeddings of a fixed length (Whisper's 1500 frames). Extra
     # tokens cannot fit, so prompt tuning and P-tuning do not apply and must be refused with the clear error.
     fixed_sequence: bool = False
+    # Tokens mixed by a state-space scan, not attention (Mamba): prompt tuning and P-tuning extend its token
+    # sequence; prefix tuning (keys and values in front of each attention's) does not apply and must be refused.
+    state_space: bool = False
 
 
 def ids(b: int, t: int) -> dict:
@@ -162,6 +167,75 @@ TRANSFORMERS = [
 ]
 
 
+# --- the LLM families people fine-tune (decoders, mixture-of-experts, state-space), Whisper, CLIP ---------------
+# The shared zoo's causal LMs (2 layers, hidden 64, vocab 96) where it has the family; the rest at the same size.
+
+_LM = dict(vocab_size=96, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+WHISPER = dict(num_mel_bins=8, d_model=32, encoder_layers=2, encoder_attention_heads=4, encoder_ffn_dim=64,
+               decoder_layers=2, decoder_attention_heads=4, decoder_ffn_dim=64, max_source_positions=16,
+               max_target_positions=32, vocab_size=VOCAB, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+               decoder_start_token_id=1)
+CLIP_TOWERS = dict(
+    text_config=dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                     num_attention_heads=4, max_position_embeddings=32, bos_token_id=1, eos_token_id=2),
+    vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                       image_size=32, patch_size=8),
+    projection_dim=16)
+
+
+def _lm(name: str, kind: str, build: Callable[[], nn.Module], **kwargs: Any) -> Arch:
+    return Arch(name, "transformers", kind, build, causal, **TEXT, peft_task="CAUSAL_LM", **kwargs)
+
+
+def whisper_inputs(b: int, t: int) -> dict:
+    """Log-mel features of the fixed 32 frames Whisper's encoder takes, and ``t`` decoder tokens."""
+    return {"input_features": torch.randn(b, 8, 32), "decoder_input_ids": torch.randint(0, VOCAB, (b, t)),
+            "use_cache": False}
+
+
+def clip_inputs(b: int, t: int) -> dict:
+    return {"input_ids": torch.randint(0, VOCAB, (b, t)), "pixel_values": torch.randn(b, 3, 32, 32)}
+
+
+LLMS = [
+    _lm("falcon", "decoder, new decoder architecture (grouped key/value heads)", CAUSAL_LMS["falcon"]),
+    _lm("falcon-old", "decoder, multi-query, parallel attention + MLP", CAUSAL_LMS["falcon-old"]),
+    _lm("mpt", "decoder, ALiBi", CAUSAL_LMS["mpt"]),
+    _lm("gpt-neox", "decoder, partial rotary, parallel residual", CAUSAL_LMS["gpt-neox"]),
+    _lm("mistral", "decoder, sliding window (8 tokens)", CAUSAL_LMS["mistral-short-window"]),
+    _lm("gemma2", "decoder, soft-capping, local/global layers", CAUSAL_LMS["gemma2"]),
+    _lm("gemma3", "decoder, local (4-token window)/global layers, QK-norm, final soft-capping", _hf(
+        tf.Gemma3ForCausalLM, tf.Gemma3TextConfig, **_LM, intermediate_size=128, head_dim=16,
+        query_pre_attn_scalar=16, sliding_window=4, layer_types=["sliding_attention", "full_attention"],
+        final_logit_softcapping=30.0)),
+    _lm("phi3", "decoder, fused qkv and gate/up projections", CAUSAL_LMS["phi3"]),
+    _lm("qwen3", "decoder, QK-norm", CAUSAL_LMS["qwen3"]),
+    _lm("mixtral", "mixture-of-experts decoder", CAUSAL_LMS["mixtral"]),
+    _lm("qwen3-moe", "mixture-of-experts decoder, QK-norm", _hf(
+        tf.Qwen3MoeForCausalLM, tf.Qwen3MoeConfig, **_LM, intermediate_size=128, head_dim=16,
+        moe_intermediate_size=32, num_experts=4, num_experts_per_tok=2)),
+    _lm("deepseek-v3", "mixture-of-experts decoder, multi-head latent attention, shared expert", _hf(
+        tf.DeepseekV3ForCausalLM, tf.DeepseekV3Config, **{**_LM, "num_key_value_heads": 4}, intermediate_size=128,
+        moe_intermediate_size=32, n_routed_experts=4, n_shared_experts=1, num_experts_per_tok=2, n_group=1,
+        topk_group=1, first_k_dense_replace=1, kv_lora_rank=16, q_lora_rank=32, qk_rope_head_dim=8,
+        qk_nope_head_dim=8, v_head_dim=16)),
+    _lm("gpt-oss", "mixture-of-experts decoder, attention sinks, sliding window (4 tokens)", _hf(
+        tf.GptOssForCausalLM, tf.GptOssConfig, **_LM, intermediate_size=64, head_dim=16, num_local_experts=4,
+        num_experts_per_tok=2, sliding_window=4)),
+    _lm("falcon-mamba", "state-space (Mamba, no attention)", _hf(
+        tf.FalconMambaForCausalLM, tf.FalconMambaConfig, vocab_size=96, hidden_size=32, state_size=8,
+        num_hidden_layers=2), attention=False, state_space=True),
+    _lm("falcon-h1", "hybrid: attention + Mamba-2 mixers in parallel", _hf(
+        tf.FalconH1ForCausalLM, tf.FalconH1Config, **_LM, intermediate_size=128, mamba_d_ssm=64, mamba_n_heads=4,
+        mamba_d_head=16, mamba_d_state=8, mamba_chunk_size=4, num_logits_to_keep=0)),
+    Arch("whisper", "transformers", "encoder-decoder, audio in, text out (decoder inputs)", _hf(
+        tf.WhisperForConditionalGeneration, tf.WhisperConfig, **WHISPER), whisper_inputs, (2, 6), (3, 9),
+        peft_task="SEQ_2_SEQ_LM"),
+    Arch("clip", "transformers", "two towers: text + vision transformers, contrastive logits", _hf(
+        tf.CLIPModel, tf.CLIPConfig, **CLIP_TOWERS), clip_inputs, (2, 8), (3, 11)),
+]
+
+
 # --- timm ---------------------------------------------------------------------------------------
 
 def _timm(name: str, **kwargs: Any) -> Callable[[], nn.Module]:
@@ -253,5 +327,5 @@ CUSTOM = [
          lambda b, t: (torch.randint(0, VOCAB, (b, t)),), (2, 8), (3, 11)),
 ]
 
-ARCHS: dict[str, Arch] = {a.id: a for a in TRANSFORMERS + TIMM + TORCHAUDIO + CUSTOM}
+ARCHS: dict[str, Arch] = {a.id: a for a in TRANSFORMERS + LLMS + TIMM + TORCHAUDIO + CUSTOM}
 METHODS = ("lora", "prompt", "ptuning", "prefix")
