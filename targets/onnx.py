@@ -12,6 +12,9 @@ ONNX inputs and outputs are plain tensors with readable names and named dynamic 
   with no adapter active the model is the base model; each adapter's tensors go to
   ``<stem>.<adapter>.onnx_adapter`` for ``RunOptions.add_active_adapter``. The LoRA scale is
   folded into B, so the graph holds no per-adapter constant.
+- ``mixed_adapters=True``: every LoRA adapter stacked in the graph and one more input,
+  ``adapter_index`` ``[batch]``, choosing each row's adapter (``-1``: the base model); see
+  ``targets/onnx_mixed.py``, whose fx rewrite this export runs before conversion.
 
 Everything is written in a temporary folder next to ``path`` and renamed into place only
 after the parity check passes: a failed export leaves no file at ``path``.
@@ -35,6 +38,7 @@ import onnx
 import onnx_ir as ir
 import onnxruntime as ort
 import torch
+from adaptc.passes import experts
 from adaptc.passes.quantize import quantized_modules
 from adaptc.passes.sites import site_key
 from torch import nn
@@ -42,15 +46,16 @@ from torch.utils import _pytree as pytree
 
 from adaptc.api import adapt
 from adaptc.capture import auto_dims, describe_failure, fixed_image_size
-from adaptc.errors import ExportError, InputError
+from adaptc.errors import ConfigError, ExportError, InputError
 from adaptc.inputs import Inputs, normalize_inputs
-from adaptc.methods import ADAPTERS_ATTR, get_method
+from adaptc.methods import ADAPTERS_ATTR, available_methods, get_method
 from adaptc.model import AdaptedModel
 
 from . import ort as rt
 from .flat import FlatCall, flat_outputs, input_names, output_names
 from .linear_rules import prefiltered_default_rules
 from .merge import merged_copy, merged_weights
+from .onnx_mixed import ADAPTER_INDEX, IndexedCall, stackable_adapters, stacked_adapters_graph
 from .split_skip_norm import SKIP_NORMS, split_skip_norms
 from .unpack_attention import unpack_attention
 
@@ -76,6 +81,7 @@ class ExportReport:
     torch_latency_ms: float
     adapters: dict[str, str] = field(default_factory=dict)  # merge=False: adapter -> .onnx_adapter file
     quantized: dict[str, Any] | None = None
+    mixed_adapters: list[str] = field(default_factory=list)  # mixed_adapters=True: adapter_index value -> adapter
 
     @property
     def parity_max_abs_diff(self) -> float:
@@ -83,6 +89,9 @@ class ExportReport:
 
     def summary(self) -> str:
         kind = "merged" if self.merged else f"unmerged, {len(self.adapters)} ORT adapter file(s)"
+        if self.mixed_adapters:
+            kind = (f"{len(self.mixed_adapters)} adapters stacked, {ADAPTER_INDEX}: "
+                    f"{', '.join(f'{i}={n}' for i, n in enumerate(self.mixed_adapters))}, -1=base")
         lines = [f"wrote {self.path} (opset {self.opset}, {kind})"]
         lines += [f"  {Path(f).name}: {size:,} bytes" for f, size in self.files.items()]
         axes = "; ".join(f"{n}[{', '.join(f'{a}:{d}' for a, d in ax.items())}]" for n, ax in self.dynamic_axes.items() if ax)
@@ -219,6 +228,7 @@ def _torch_export(flat: FlatCall, tensors: list[torch.Tensor], shapes: list[dict
             program = torch.onnx.export(
                 flat.eval(), tuple(tensors), dynamo=True, input_names=names, output_names=outs,
                 dynamic_shapes=(tuple(shapes),), opset_version=opset, verbose=False,
+                custom_translation_table=experts.onnx_translations(),  # transformers' grouped expert matmul
             )
     except Exception as error:  # the exporter raises many kinds; all mean the same to the user
         message = str(error)
@@ -400,6 +410,7 @@ def export_onnx(
     external_data: bool | None = None,
     atol: float = 1e-4,
     latency_runs: int = 20,
+    mixed_adapters: bool = False,
 ) -> ExportReport:
     """Export an AdaptedModel to ONNX at ``path``, optimized for ONNX Runtime, and prove it matches PyTorch.
 
@@ -411,17 +422,25 @@ def export_onnx(
     ``<name>.data``. The parity check runs ONNX Runtime on fresh random inputs at another batch size and
     length and raises ExportError, writing nothing, if any output differs from PyTorch by more than ``atol``
     times the outputs' largest magnitude (at least 1: absolute for small outputs, relative for large ones).
+
+    ``mixed_adapters=True`` exports every LoRA adapter stacked, with an ``adapter_index`` input choosing each
+    row's adapter (``merge`` is then not consulted; ``report.mixed_adapters`` lists the adapters by index),
+    and checks a batch that mixes them against PyTorch's mixed batch (``am(..., adapter_names=...)``).
+    A decoder with a key/value cache (``task="text-generation"``) is ``targets.onnx_decoder.export_decoder``;
+    ``adaptc.export_onnx`` (targets/export.py) chooses between the two.
     """
     if not isinstance(am, AdaptedModel):
         raise InputError(f"export_onnx takes an AdaptedModel (from adaptc.inject), got {type(am).__name__}")
     target = check_path(path)
     _check_options(merge, quantize, opset, atol)
     _check_latency_runs(latency_runs)
+    if _check_mixed(am, mixed_adapters, quantize):
+        merge = False  # every adapter stays in the graph, stacked
     _check_unmerged_methods(am, merge)
     inputs = normalize_inputs(example_inputs) if example_inputs is not None else am.example_inputs
     inputs = _batch_of_two(am, inputs)
     external = _weights_bytes(am) > EXTERNAL_DATA_BYTES if external_data is None else bool(external_data)
-    options = ExportOptions(merge, optimize, opset, quantize, external, atol, latency_runs)
+    options = ExportOptions(merge, optimize, opset, quantize, external, atol, latency_runs, mixed_adapters)
     am = _full_precision(am, inputs, merge)  # a quantized base (QLoRA) exports as a merged fp copy
     with _workspace(target) as work, _eval(am), torch.no_grad():
         lowered = _lower(am, inputs, options, work)
@@ -436,15 +455,41 @@ def _check_latency_runs(latency_runs: int) -> None:
         raise ExportError(f"latency_runs must be a positive integer, got {latency_runs!r}")
 
 
+def _check_mixed(am: AdaptedModel, mixed_adapters: bool, quantize: str | None) -> bool:
+    """mixed_adapters=True: LoRA adapters only (targets/onnx_mixed.py says which), fp32, a full-precision base."""
+    if not isinstance(mixed_adapters, bool):
+        raise ExportError(f"mixed_adapters must be True or False, got {mixed_adapters!r}")
+    if not mixed_adapters:
+        return False
+    if quantize:
+        raise ExportError("quantize='int8' applies to a merged export; a mixed-adapter graph keeps its adapters "
+                          "(use mixed_adapters=False, merge=True)")
+    if quantized_modules(am.base_model):
+        raise ExportError("this model has a quantized base (inject(..., quantize=...)): mixed_adapters=True needs a "
+                          "full-precision base; export each adapter merged instead")
+    try:
+        stackable_adapters(am)
+    except ConfigError as error:
+        raise ExportError(str(error)) from error
+    return True
+
+
 def _check_unmerged_methods(am: AdaptedModel, merge: bool) -> None:
-    """merge=False only for methods whose tensors can be graph inputs: virtual tokens change shapes."""
+    """merge=False only for methods whose tensors can be graph inputs (Method.unmerged_export)."""
     fixed = [n for n, c in am.adapter_configs().items() if not get_method(c).unmerged_export]
-    if fixed and not merge:
-        raise ExportError(
-            f"adapter {fixed[0]!r} is a {get_method(am.adapter_configs()[fixed[0]]).name!r} adapter: "
-            "merge=False (hot-swappable ORT adapter files) is for LoRA only, since virtual tokens change the "
-            "graph's shapes; export it with merge=True"
-        )
+    if not fixed or merge:
+        return
+    method = get_method(am.adapter_configs()[fixed[0]])
+    inputs = [m for m in available_methods() if get_method(m).unmerged_export]
+    why = "its virtual tokens change the graph's shapes" if method.edits_sequence else \
+        "its tensors are not lowered as graph inputs"
+    kept = {"weights": "folds it into the base weights", "constants": "folds it into constants of the graph"}
+    raise ExportError(
+        f"adapter {fixed[0]!r} is a {method.name!r} adapter: merge=False (hot-swappable ORT adapter files) keeps "
+        f"only {', '.join(inputs)} adapters as ORT adapter inputs ({method.name}: {why}). Export it with "
+        f"merge=True (the default), which {kept.get(method.merge, 'keeps it in the graph with its trained values')}"
+        "; adapters that cannot be merged stay in the graph there"
+    )
 
 
 def _batch_of_two(am, inputs: Inputs) -> Inputs:
@@ -499,6 +544,7 @@ class ExportOptions:
     external: bool  # weights in a .data file beside each model
     atol: float
     latency_runs: int
+    mixed: bool = False  # every LoRA adapter stacked, an adapter_index input (targets/onnx_mixed.py)
 
 
 @dataclass(frozen=True)
@@ -547,10 +593,13 @@ class Lowered:
     axes: dict[str, dict[int, str]]  # input -> {axis: name}
     adapters: dict[str, Path]  # merge=False: adapter -> its .onnx_adapter file in the workspace
     torch_ms: float | None  # the merged model's eager latency: it exists only while lowering
+    stacked: list[str] = field(default_factory=list)  # mixed: adapter_index value -> adapter (the last input)
 
 
 def _lower(am: AdaptedModel, inputs: Inputs, options: ExportOptions, work: Workspace) -> Lowered:
     """torch.export the captured graph to ONNX, adapters merged in or kept live as graph inputs."""
+    if options.mixed:
+        return _lower_mixed(am, inputs, options, work)
     graph = am.graph_for(inputs)
     slots = [] if options.merge else _slots(am)
     names = input_names(am.base_model, inputs)
@@ -571,6 +620,24 @@ def _lower(am: AdaptedModel, inputs: Inputs, options: ExportOptions, work: Works
         rt.save(model, path, options.external)
     adapters = {} if options.merge else _write_adapters(am, slots, work)
     return Lowered(path, flat, example, names, outs, slots, axes, adapters, torch_ms)
+
+
+def _lower_mixed(am: AdaptedModel, inputs: Inputs, options: ExportOptions, work: Workspace) -> Lowered:
+    """The captured graph with every LoRA adapter stacked (targets/onnx_mixed.py), ``adapter_index`` last."""
+    stacked = stacked_adapters_graph(am, am.graph_for(inputs))
+    names = input_names(am.base_model, inputs)
+    flat = FlatCall(stacked.module, inputs)
+    example = flat.example_tensors()
+    batch = example[0].shape[0] if example and example[0].dim() else 1
+    index = torch.arange(batch) % (len(stacked.adapters) + 1)  # adapters and the base: no index is special-cased
+    outs = output_names(flat_outputs(am(*inputs.args, **inputs.kwargs)), set(names) | {ADAPTER_INDEX})
+    shapes = _dynamic_shapes(am, example, []) + [{0: torch.export.Dim.AUTO}]
+    model = _torch_export(IndexedCall(flat, stacked), example + [index], shapes, names + [ADAPTER_INDEX], outs,
+                          options.opset)
+    axes = _name_dims(model, example + [index], [])
+    path = work.stage / "exported.onnx" if options.optimize else work.final
+    rt.save(model, path, options.external)
+    return Lowered(path, flat, example + [index], names + [ADAPTER_INDEX], outs, [], axes, {}, None, stacked.adapters)
 
 
 def _graph_held_methods(am: AdaptedModel) -> list[str]:
@@ -625,9 +692,12 @@ def _check_parity(am: AdaptedModel, lowered: Lowered, optimized: Optimized, opti
                   work: Workspace) -> Parity:
     """Raise ExportError, before anything is published, if ORT and PyTorch differ beyond atol x scale."""
     session = rt.open_session(optimized.path)
-    call, fresh, reference = _fresh_call(am, lowered, optimized.path)
-    feeds = {name: t.numpy() for name, t in zip(lowered.names, fresh)}
-    checks = _parity_checks(am, lowered, session, feeds, call, reference, options.merge)
+    if options.mixed:
+        call, feeds, reference, checks = _mixed_parity(am, lowered, session, optimized.path)
+    else:
+        call, fresh, reference = _fresh_call(am, lowered, optimized.path)
+        feeds = {name: t.numpy() for name, t in zip(lowered.names, fresh)}
+        checks = _parity_checks(am, lowered, session, feeds, call, reference, options.merge)
     worst = max(checks.values())
     # fp32 rounding is relative: large outputs (an LM's logits) get atol per unit of their magnitude.
     scale = max([1.0, *(float(r.detach().abs().max()) for r in reference if r.numel() and r.is_floating_point())])
@@ -655,14 +725,37 @@ def _fresh_call(am: AdaptedModel, lowered: Lowered,
         return call, fresh, flat_outputs(am(*call.args, **call.kwargs))
 
 
+def _mixed_parity(am: AdaptedModel, lowered: Lowered, session: ort.InferenceSession,
+                  path: Path) -> tuple[Inputs, dict[str, np.ndarray], tuple[torch.Tensor, ...], dict[str, float]]:
+    """A fresh batch whose rows cycle through the adapters and the base (as -1), against PyTorch's mixed
+    batch (``adapter_names``); and every row at -1 against the base model."""
+    from adaptc.mixed_batch import BASE, batch_size_of
+
+    count = len(lowered.example) - 1  # the model's inputs; adapter_index is the last
+    fresh, _ = _fresh_inputs(path, lowered.example[:count], count)
+    call = lowered.flat.unflatten(fresh)
+    rows = batch_size_of(call.args, call.kwargs) or 1
+    stacked = lowered.stacked
+    index = [i % (len(stacked) + 1) for i in range(rows)]
+    index = np.array([-1 if i == len(stacked) else i for i in index], dtype=np.int64)
+    feeds = {name: t.numpy() for name, t in zip(lowered.names, fresh)}
+    mixed = flat_outputs(am(*call.args, **call.kwargs, adapter_names=[stacked[i] if i >= 0 else BASE for i in index]))
+    checks = {"mixed rows": _max_diff(rt.run(session, {**feeds, ADAPTER_INDEX: index}), mixed, lowered.outs)}
+    with am.disable_adapters():
+        base = flat_outputs(am(*call.args, **call.kwargs))
+    checks["every row -1 (base)"] = _max_diff(rt.run(session, {**feeds, ADAPTER_INDEX: np.full(rows, -1, np.int64)}),
+                                              base, lowered.outs)
+    return call, {**feeds, ADAPTER_INDEX: index}, mixed, checks
+
+
 def _parity_checks(am: AdaptedModel, lowered: Lowered, session: ort.InferenceSession, feeds: dict[str, np.ndarray],
                    call: Inputs, reference: tuple[torch.Tensor, ...], merge: bool) -> dict[str, float]:
     """Merged: one check. Unmerged: the active adapters through their files, and no adapter at all."""
     if merge:
-        return {"merged" if am.active_adapters else "base": _max_diff(rt.run(session, feeds), reference, lowered.outs)}
+        return {"merged" if am.enabled_adapters else "base": _max_diff(rt.run(session, feeds), reference, lowered.outs)}
     loaded = {name: rt.load_adapter(file) for name, file in lowered.adapters.items()}  # each file must load
-    active = [loaded[n] for n in am.active_adapters]
-    checks = {"+".join(am.active_adapters) or "base": _max_diff(rt.run(session, feeds, active), reference, lowered.outs)}
+    active = [loaded[n] for n in am.enabled_adapters]
+    checks = {"+".join(am.enabled_adapters) or "base": _max_diff(rt.run(session, feeds, active), reference, lowered.outs)}
     with am.disable_adapters():
         base_reference = flat_outputs(am(*call.args, **call.kwargs))
     checks["no adapter"] = _max_diff(rt.run(session, feeds), base_reference, lowered.outs)
@@ -688,7 +781,7 @@ def _measure(am: AdaptedModel, inputs: Inputs, lowered: Lowered, optimized: Opti
     if torch_ms is None:  # prompts live in the adapted model's graph, not in the base model
         torch_ms = rt.median_ms(lambda: am(*inputs.args, **inputs.kwargs), options.latency_runs)
     example_feeds = {name: t.numpy() for name, t in zip(lowered.names, lowered.example)}
-    active = [rt.load_adapter(lowered.adapters[n]) for n in am.active_adapters] if not options.merge else []
+    active = [rt.load_adapter(lowered.adapters[n]) for n in am.enabled_adapters] if lowered.adapters else []
     ort_ms = rt.median_ms(lambda: rt.run(parity.session, example_feeds, active), options.latency_runs)
     quantized = None
     if options.quantize == "int8":
@@ -718,6 +811,7 @@ def _publish(lowered: Lowered, optimized: Optimized, parity: Parity, measured: M
         fusions=optimized.fusions, fused_ops=measured.fused_ops, parity=parity.checks, parity_inputs=parity.inputs,
         ort_latency_ms=measured.ort_ms, torch_latency_ms=measured.torch_ms,
         adapters={n: str(folder / f.name) for n, f in lowered.adapters.items()}, quantized=quantized,
+        mixed_adapters=list(lowered.stacked),
     )
 
 

@@ -28,6 +28,7 @@ from adaptc.errors import ExportError
 from .flat_gemm import unflatten_gemms
 from .linear_rules import prefiltered_default_rules
 from .mha_bias import true_bias_mha
+from .no_gqa import without_gqa
 from .rope_angles import expand_rotary_positions, rope_angles_as_matmul
 
 CONTRIB_DOMAIN = "com.microsoft"
@@ -38,11 +39,13 @@ def fuse(path: Path) -> tuple[ir.Model, dict[str, int]]:
     """onnxscript's ORT fusions (attention, layer norm, GELU, rotary ...) of the model at ``path``; counts of
     those applied.
 
-    With the rotary embedding fused, onnxscript also fuses grouped-query attention into ORT's
+    With the rotary embedding fused, onnxscript would also fuse grouped-query attention into ORT's
     ``GroupQueryAttention``, which rotates inside the kernel at positions it derives from per-row
     sequence lengths, not from transformers' position ids (and failed on a batch the export had not
-    seen). A model where that happens is fused again with its rotary embedding left unfused
-    (``MultiHeadAttention``, positions exactly as transformers computes them), as before.
+    seen): :func:`~adaptc.targets.no_gqa.without_gqa` turns that fusion off, so grouped-query models
+    get ``RotaryEmbedding`` + ``MultiHeadAttention`` as the others do. Should an onnxscript fuse one
+    anyway, the model is fused again with its rotary embedding left unfused (positions exactly as
+    transformers computes them).
     """
     model, counts = _fuse(ir.load(path), rope=True)
     if counts.get("gqa"):
@@ -60,8 +63,9 @@ def _fuse(model: ir.Model, rope: bool) -> tuple[ir.Model, dict[str, int]]:
             rope_angles_as_matmul(model)  # RoPE angles in the spelling the rotary fusion matches
         inputs = list(model.graph.inputs)
         # prefiltered: onnxscript's multi-output matcher is quadratic otherwise; true_bias_mha: its MHA bias
-        # fusion would take an unmerged LoRA's per-token delta for the attention's 1-D bias
-        with prefiltered_default_rules(), true_bias_mha():
+        # fusion would take an unmerged LoRA's per-token delta for the attention's 1-D bias; without_gqa:
+        # ORT's GroupQueryAttention takes positions from sequence lengths, not transformers' position ids
+        with prefiltered_default_rules(), true_bias_mha(), without_gqa():
             model, counts = optimize_for_ort(model)
         _restore_inputs(model, inputs)
         expand_rotary_positions(model)

@@ -26,10 +26,9 @@ def test_llama_rotary_fuses_and_matches_pytorch(tmp_path, kv_heads):
             p.add_(torch.randn_like(p) * 0.05)
     path = tmp_path / "llama.onnx"
     report = adaptc.export_onnx(am, path)
-    if kv_heads == 4:
-        assert report.fused_ops.get("RotaryEmbedding") == 2 * 2, report.fused_ops  # q and k, per layer
-    else:  # grouped-query: fused without the rotary rewrite, so no GroupQueryAttention (targets/ort.py::fuse)
-        assert "GroupQueryAttention" not in report.fused_ops, report.fused_ops
+    assert report.fused_ops.get("RotaryEmbedding") == 2 * 2, report.fused_ops  # q and k, per layer
+    # grouped-query too: no GroupQueryAttention, whose positions are not transformers' (targets/no_gqa.py)
+    assert report.fused_ops.get("MultiHeadAttention") == 2 and "GroupQueryAttention" not in report.fused_ops
 
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     for batch, length in ((1, 5), (3, 13)):
