@@ -24,6 +24,8 @@ RUNS = [
     ("torch-compile", "bench_torch_compile.py", ["--models", "llama,bert"]),
     ("compile", "bench_compile.py", None),  # its own sizes (depths)
     ("qlora", "bench_qlora.py", None),
+    ("methods", "bench_methods.py", []),
+    ("ort-generate", "bench_ort_generate.py", None),  # its own sizes (prompt 128, 128 new tokens)
 ]
 
 
@@ -48,6 +50,8 @@ def main() -> None:
             command += ["--depths", "2,4", "--no-bert-base"]
         elif args.quick and name == "qlora":
             command += ["--steps", "1"]
+        elif args.quick and name == "ort-generate":
+            command += ["--quick"]
         print(f"== {name}: {' '.join(command[1:])}", file=sys.stderr, flush=True)
         subprocess.run(command, check=True)
         sections.append(out.read_text())
