@@ -24,6 +24,14 @@ from .errors import (
 )
 from .generate import generate
 from .methods import Method, available_methods, register_method
+from .methods.adalora import AdaLoraConfig
+from .methods.bottleneck import BottleneckConfig
+from .methods.ia3_config import IA3Config
+from .methods.ln_tuning import LNTuningConfig
+from .methods.loha import LoHaConfig
+from .methods.lokr import LoKrConfig
+from .methods.oft import OftConfig
+from .methods.vera import VeraConfig
 from .model import AdaptedModel
 from .passes.quantize import QuantConfig, quantize_model
 from .train import TrainConfig, TrainResult, evaluate, train
@@ -45,10 +53,10 @@ def export_onnx(
     ``task="text-generation"`` writes a folder with a decoder that keeps a key/value cache, for
     onnxruntime-genai and :mod:`adaptc.ort` (``adaptc.targets.onnx_decoder``).
 
-    See ``adaptc.targets.onnx.export_onnx``. Imported lazily: onnx, onnxscript and
+    See ``adaptc.targets.export.export_onnx``. Imported lazily: onnx, onnxscript and
     onnxruntime are optional dependencies, needed only here.
     """
-    from adaptc.targets.onnx import export_onnx as _export
+    from adaptc.targets.export import export_onnx as _export
 
     return _export(am, path, example_inputs=example_inputs, merge=merge, optimize=optimize, opset=opset,
                    quantize=quantize, **options)
@@ -56,17 +64,24 @@ def export_onnx(
 
 __all__ = [
     "__version__",
+    "AdaLoraConfig",
     "AdaptcError",
     "AdaptedModel",
+    "BottleneckConfig",
     "Method",
     "CaptureError",
     "CapturedGraphModule",
     "CheckpointError",
     "ConfigError",
     "ExportError",
+    "IA3Config",
     "InputError",
+    "LNTuningConfig",
+    "LoHaConfig",
+    "LoKrConfig",
     "LoraConfig",
     "MergeError",
+    "OftConfig",
     "PTuningConfig",
     "PrefixConfig",
     "PromptConfig",
@@ -74,6 +89,7 @@ __all__ = [
     "TrainConfig",
     "TrainResult",
     "TrainingError",
+    "VeraConfig",
     "available_methods",
     "capture",
     "evaluate",

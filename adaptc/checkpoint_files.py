@@ -50,7 +50,14 @@ class Checkpoint:
 
 
 def locate(directory: str | os.PathLike, adapter_name: str) -> Path:
-    """The folder holding ``adapter_name``: ``directory/<name>`` when saved there, else ``directory``."""
+    """The folder holding ``adapter_name``.
+
+    ``directory/<name>`` when the adapter was saved there (save_adapter's and PEFT's save_pretrained's
+    layout for an adapter not named ``default``). Otherwise ``directory``'s own files, loaded under
+    ``adapter_name`` as PEFT's ``load_adapter(model_id, adapter_name)`` does, but only when ``directory`` is
+    a one-adapter folder: in a folder that also holds adapters in subfolders, a name that is none of them is
+    refused, rather than silently loading the folder's own adapter in its place.
+    """
     if not isinstance(directory, (str, os.PathLike)):
         raise InputError(f"directory must be a path (str or os.PathLike), got {type(directory).__name__}")
     root = Path(directory)
@@ -58,9 +65,15 @@ def locate(directory: str | os.PathLike, adapter_name: str) -> Path:
         raise CheckpointError(f"{root} is not a folder; give the folder that holds {CONFIG_NAME}")
     if adapter_name != DEFAULT_ADAPTER and (root / adapter_name / CONFIG_NAME).is_file():
         return root / adapter_name
-    if (root / CONFIG_NAME).is_file():
-        return root
     inside = sorted(p.name for p in root.iterdir() if (p / CONFIG_NAME).is_file())
+    if (root / CONFIG_NAME).is_file():
+        if adapter_name != DEFAULT_ADAPTER and inside:
+            raise CheckpointError(
+                f"{root} has no adapter {adapter_name!r} (no {root / adapter_name / CONFIG_NAME}); it holds "
+                f"{DEFAULT_ADAPTER!r} (its own {CONFIG_NAME}) and, in subfolders, {', '.join(map(repr, inside))}. "
+                f"Pass one of these names, or the folder of the adapter itself (e.g. {root / inside[0]})"
+            )
+        return root
     hint = f"; it has adapters in subfolders: {', '.join(inside)} (pass adapter_name=...)" if inside else ""
     raise CheckpointError(f"{root} holds no {CONFIG_NAME}{hint}")
 

@@ -33,11 +33,9 @@ from .errors import AdaptcError
 from .inputs import normalize_inputs
 from .methods import get_method, make_config
 from .model import TrainableSummary
-from .passes.lora import lora_param_count, rank_deficient, rank_error
 from .passes.quantize import make_quant_config, weight_bytes
-from .passes.selection import matches
 from .plot import sites_plot
-from .tables import expert_groups, few, in_out, number, site_kind, table
+from .tables import expert_groups, in_out, number, site_kind, table
 
 PROG = "adaptc"
 
@@ -48,9 +46,10 @@ _LORA_DEFAULTS = {f.name: f.default for f in dataclasses.fields(LoraConfig) if f
 # --- commands -----------------------------------------------------------------------------------
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    if not get_method(args.method).site_table:  # an unknown method fails before the model is built
-        return _inspect_method(args)
-    make_config(args.method, {"r": args.r})  # a bad rank fails before the model is built
+    config = make_config(args.method, _inspect_options(args))  # bad options fail before the model is built
+    method = get_method(config)
+    if not method.site_table:
+        return _inspect_method(args, config)
     if args.plot is not None:
         _check_output_file(args.plot, ".png")
     model, example = build_from_file(args.model_file)
@@ -59,27 +58,23 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     total = sum(p.numel() for p in model.parameters())
     print(f"{type(model).__name__} from {args.model_file}, inputs {inputs.describe()}: {len(sites)} sites")
     if not sites:
-        print("no linear, conv or embedding op found: LoRA has nothing to adapt in this model")
+        print(f"no linear, conv or embedding op found: {method.name} has nothing to adapt in this model")
         return 0
 
-    rows, added_all, added_linear, deficient = [], 0, 0, []
-    for site in sites:
-        if rank_error(site, args.r) is None:
-            added = lora_param_count(site, args.r)
-            added_all += added
-            added_linear += added if matches("all-linear", site) or site.kind == "experts" else 0  # (LoRA's rule)
-            lora = number(added)
-            if rank_deficient(site, args.r):  # allowed, as in PEFT; the update's rank is capped by the weight
-                deficient.append(site.name)
-                lora += f" (rank {site.max_rank()})"
-        else:
-            lora = "- (r too large)"  # inject would refuse this rank here
-        rows.append([
+    # The parameter column comes from the method (Method.site_params); a method that does not say has none.
+    counts = [method.site_params(site, config) for site in sites]
+    cells = [method.site_cell(site, config) for site in sites]
+    has_column = any(cells)
+    rows = []
+    for site, cell in zip(sites, cells):
+        row = [
             site.name, site_kind(site), site.op, site.shapes(), in_out(site),
-            "" if site.layer is None else site.layer, "head" if site.is_head else "router" if site.is_router else "", lora,
-        ])
-    headers = ["site", "kind", "op", "weight", "in->out", "layer", "head", f"lora r={args.r}"]
-    print(table(headers, rows, right=(5, 7)))
+            "" if site.layer is None else site.layer, "head" if site.is_head else "router" if site.is_router else "",
+        ]
+        rows.append(row + [cell] if has_column else row)
+    headers = ["site", "kind", "op", "weight", "in->out", "layer", "head"]
+    headers += [method.site_column(config)] if has_column else []
+    print(table(headers, rows, right=(5, 7) if has_column else (5,)))
 
     kinds = {}
     for site in sites:
@@ -89,29 +84,46 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         f"; {site.name.rpartition('.')[2]}: {len(group)} weights of {site.experts} experts"
         for group in expert_groups(sites).values() for site in group[:1]
     )
-    print(
-        f"total: {len(sites)} sites ({breakdown}); model params {number(total)}; "
-        f"rank-{args.r} LoRA adds {number(added_all)} on every site, "
-        f"{number(added_linear)} on all-linear (the default targets; trainable% "
-        f"{100 * TrainableSummary(added_linear, total + added_linear).fraction:.4f})"
-    )
-    if deficient:
-        print(
-            f"note: r={args.r} is above the rank of the weight at {len(deficient)} site(s) ({few(deficient)}): "
-            "LoRA works there (as in PEFT), but its update has only the rank shown"
+    summary = f"total: {len(sites)} sites ({breakdown}); model params {number(total)}"
+    if has_column:
+        added_all = sum(c or 0 for c in counts)
+        chosen = {s.name for s in method.default_sites(sites, config)}
+        added_default = sum(c or 0 for s, c in zip(sites, counts) if s.name in chosen)
+        summary += (
+            f"; {method.site_column(config)} adds {number(added_all)} on every site it can adapt, {number(added_default)} on "
+            f"the {len(chosen)} sites of its targets (trainable% "
+            f"{100 * TrainableSummary(added_default, total + added_default).fraction:.4f})"
         )
+    else:
+        summary += f"; {method.name} does not state its parameters per site (adaptc inject does, once inserted)"
+    print(summary)
+    for note in method.site_notes(sites, config):
+        print(note)
     if args.plot is not None:
-        plotted = [
-            (s.name, s.kind, s.layer, lora_param_count(s, args.r) if rank_error(s, args.r) is None else 0) for s in sites
-        ]
-        title = f"{type(model).__name__}: rank-{args.r} LoRA parameters per site ({number(added_all)} on every site)"
+        if not has_column:
+            raise CliError(f"--plot draws parameters per site, which --method {method.name} does not state")
+        plotted = [(s.name, s.kind, s.layer, c or 0) for s, c in zip(sites, counts)]
+        title = f"{type(model).__name__}: {method.site_column(config)} parameters per site ({number(added_all)} on every site)"
         print(f"plot written to {sites_plot(plotted, args.plot, title)}")
     return 0
 
 
-def _inspect_method(args: argparse.Namespace) -> int:
+def _inspect_options(args: argparse.Namespace) -> dict[str, Any]:
+    """``--opt`` options, and ``--r`` where given: every method's inspect view reads the config they make."""
+    options: dict[str, Any] = {}
+    for key, value in getattr(args, "opt", None) or []:
+        if key in options:
+            raise CliError(f"option {key!r} given twice with --opt; give it once")
+        options[key] = value
+    if args.r is not None:
+        if "r" in options:
+            raise CliError("option 'r' given twice (as --r and --opt r=...); give it once")
+        options["r"] = args.r
+    return options
+
+
+def _inspect_method(args: argparse.Namespace, config: Any) -> int:
     """Where a method without a site table acts (the attention ops for prefix, the sequence entry for prompts)."""
-    config = make_config(args.method, {})
     if args.plot is not None:
         raise CliError(f"--plot draws LoRA sites; it is not available with --method {config.method}")
     model, example = build_from_file(args.model_file)
@@ -251,8 +263,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Capture the model and list every site a method could adapt.",
         epilog=_INSPECT_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    inspect_p.add_argument("--r", type=int, default=_LORA_DEFAULTS["r"], help="rank used for the parameter column (default: %(default)s)")
+    inspect_p.add_argument("--r", type=int, help=f"rank used for the parameter column (LoRA's default: {_LORA_DEFAULTS['r']})")
     inspect_p.add_argument("--plot", metavar="PNG", help="also draw, per layer, where adapters would go and the parameters each adds")
+    _add_opt(inspect_p)
     inspect_p.set_defaults(func=cmd_inspect)
 
     inject_p = sub.add_parser(
@@ -345,7 +358,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         adapted = api.load_adapter(model, args.adapter, example_inputs=example)
     else:
         adapted = api.inject(model, config, example_inputs=example)
-    from .targets.onnx import export_onnx  # onnx, onnxscript, onnxruntime: optional dependencies
+    from .targets.export import export_onnx  # onnx, onnxscript, onnxruntime: optional dependencies
 
     report = export_onnx(
         adapted, args.output, merge=not args.no_merge, optimize=not args.no_optimize, opset=args.opset,
@@ -358,8 +371,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 def _export_task(args: argparse.Namespace, config: Any) -> int:
     """``--task text-generation``: the folder, with the model file's tokenizer() when it defines one."""
     from .cli_common import build_module_from_file, failed_in_user_code
-    from .targets.onnx import export_onnx
-    from .targets.onnx_decoder import check_folder
+    from .targets.export import check_folder, export_onnx
 
     check_folder(args.output)  # a bad output path fails before the model is built
     module, model, example = build_module_from_file(args.model_file)

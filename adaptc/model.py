@@ -79,6 +79,7 @@ class AdaptedModel(nn.Module):
         # Graphs are cached per set of capture-time edits in force (they change shapes); these are
         # switched off by disable_adapters().
         self._edits_disabled: set[str] = set()
+        self._disabled: set[str] = set()  # adapters switched off by disable_adapters(): merges leave them out
         self.train(model.training)  # start in the mode the model was in, like the model
         self._register_graph(graph)
         # The HF Trainer reads input and label names from forward's signature on the class (adaptc/signature.py).
@@ -167,21 +168,24 @@ class AdaptedModel(nn.Module):
     @contextlib.contextmanager
     def disable_adapters(self, names: list[str] | None = None) -> Iterator[None]:
         """Within the block the model computes exactly the base model's outputs (``names``: only
-        those adapters are switched off)."""
+        those adapters are switched off). A merged export made in the block leaves the switched-off
+        adapters out, as the block's outputs do; ``merge()`` refuses there (it would consume them)."""
         chosen = {n: layers for n, layers in self.adapters.items() if names is None or n in names}
         saved = {id(layer): layer.active for layers in chosen.values() for layer in layers.values()}
-        saved_edits = set(self._edits_disabled)
+        saved_edits, saved_disabled = set(self._edits_disabled), set(self._disabled)
         try:
             for layers in chosen.values():
                 for layer in layers.values():
                     layer.active = False
             self._edits_disabled |= set(chosen)
+            self._disabled |= set(chosen)
             yield
         finally:
             for layers in chosen.values():
                 for layer in layers.values():
                     layer.active = saved[id(layer)]
             self._edits_disabled = saved_edits
+            self._disabled = saved_disabled
 
     def add_weighted_adapter(
         self,
@@ -207,6 +211,12 @@ class AdaptedModel(nn.Module):
     @property
     def active_adapters(self) -> list[str]:
         return list(self._active)
+
+    @property
+    def enabled_adapters(self) -> list[str]:
+        """The active adapters that apply now: inside :meth:`disable_adapters` the ones it switched off are
+        left out (what a merged export folds in)."""
+        return [n for n in self._active if n not in self._disabled]
 
     @property
     def sites(self) -> list:

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import math
 import operator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -290,11 +291,10 @@ def build_layers(sites: list, config, model: nn.Module) -> dict[str, ExpertLoraL
     return layers
 
 
-def insert(gm: fx.GraphModule, layers: dict[str, nn.Module], prefix: str) -> int:
+def insert(gm: fx.GraphModule, layers: dict[str, nn.Module], prefix: str, site_key: Callable[[str], str]) -> int:
     """Replace every read of a selected expert weight in ``gm.graph`` by its adapted weight; returns the number
-    of matrix products that now read an adapted weight."""
-    from .sites import site_key  # sites imports this module
-
+    of matrix products that now read an adapted weight. ``site_key`` names a site's module under ``prefix``
+    (passes.sites.site_key, passed in: sites imports this module)."""
     count = 0
     for weight in find_expert_weights(gm):
         layer = layers.get(weight.name)

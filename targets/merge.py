@@ -185,6 +185,13 @@ def merge(am, safe: bool = False, requantize: bool = False) -> nn.Module:
         if not isinstance(value, bool):
             raise MergeError(f"{flag} must be True or False, got {value!r}; nothing was merged")
     active = [n for n in am.active_adapters if n in am.adapters]
+    switched_off = [n for n in active if n not in am.enabled_adapters]
+    if switched_off:
+        raise MergeError(
+            f"am.merge() inside am.disable_adapters(): adapter {switched_off[0]!r} is switched off, so merging it "
+            "would not give the model this block computes; call merge() outside the block (or deactivate the "
+            "adapters you do not want merged with set_adapter); nothing was merged"
+        )
     names = lora_adapters(am, active)
     prompts = constant_adapters(am, active)
     unmergeable = [n for n in active if n not in names and n not in prompts]
@@ -231,12 +238,13 @@ def fold_prompt_adapter(am, name: str) -> None:
 
 @contextlib.contextmanager
 def merged_weights(am) -> Iterator[list[WeightMerge]]:
-    """Within the block the base model holds the active adapters merged and every adapter is off.
+    """Within the block the base model holds the enabled adapters merged and every adapter is off.
 
-    The user's objects come back exactly (the original tensors are put back, not un-merged
+    Enabled: active and not switched off by ``am.disable_adapters()`` (inside it, a merged export is the
+    model the block computes: the base model when every adapter is off). The user's objects come back exactly (the original tensors are put back, not un-merged
     by subtraction), so export can lower a merged model without consuming the AdaptedModel.
     """
-    names = lora_adapters(am, am.active_adapters)
+    names = lora_adapters(am, am.enabled_adapters)
     entries = plan(am, names)
     originals = [entry.weight.data for entry in entries]
     if any(entry.quantized is not None for entry in entries):
@@ -270,12 +278,13 @@ def _write_quantized(model: nn.Module, entry: WeightMerge, weight: torch.Tensor,
 
 @torch.no_grad()
 def merged_copy(am) -> nn.Module:
-    """A full-precision copy of the base model with the active adapters merged; ``am`` is untouched.
+    """A full-precision copy of the base model with the enabled adapters merged (active, and not switched
+    off by ``am.disable_adapters()``); ``am`` is untouched.
 
     Every quantized layer of the copy becomes an ``nn.Linear`` (dequantized, plus the adapters'
     update where they apply): what ONNX export lowers for a QLoRA model.
     """
-    entries = plan(am, [n for n in am.active_adapters if n in am.adapters])
+    entries = plan(am, [n for n in am.enabled_adapters if n in am.adapters])
     clone = copy.deepcopy(am.base_model)
     for entry in entries:
         weight = merged_weight(entry)

@@ -39,6 +39,8 @@ from torch import nn
 from adaptc import cached_generation
 from adaptc.errors import ExportError, InputError
 from adaptc.inputs import Inputs
+from adaptc.methods import get_method
+from adaptc.mixed_batch import BASE
 from adaptc.model import AdaptedModel
 
 from . import genai_config
@@ -47,6 +49,7 @@ from . import ort as rt
 from .decoder_loop import empty_past, greedy, presents_as_past, step_feeds
 from .flat import FlatCall
 from .merge import merged_weights
+from .onnx_mixed import IndexedCall, stackable_adapters, stacked_adapters_graph
 
 TASK = "text-generation"
 MIXED_INPUT = "adapter_index"  # targets/onnx_mixed.py's input: one adapter per row
@@ -129,8 +132,6 @@ def check_decoder(am: AdaptedModel, merge: bool, quantize: str | None, mixed: bo
     if not isinstance(merge, bool) or not isinstance(mixed, bool):
         raise ExportError(f"merge and mixed_adapters must be True or False, got {merge!r}, {mixed!r}")
     if mixed:
-        from .onnx_mixed import stackable_adapters
-
         if quantize:
             raise ExportError(f"quantize={quantize!r} applies to a merged export; a mixed-adapter graph keeps its "
                               "adapters (leave quantize None)")
@@ -159,8 +160,6 @@ def check_decoder(am: AdaptedModel, merge: bool, quantize: str | None, mixed: bo
 
 
 def _method(config: Any) -> Any:
-    from adaptc.methods import get_method
-
     return get_method(config)
 
 
@@ -319,8 +318,6 @@ def _lower(am: AdaptedModel, merge: bool, opset: int | None, external: bool, wor
     names, outs = io_names(layout)
     stacked = None
     if mixed:  # every adapter stacked, one per row (targets/onnx_mixed.py)
-        from .onnx_mixed import IndexedCall, stacked_adapters_graph
-
         stacked = stacked_adapters_graph(am, graph)
     context = contextlib.nullcontext() if mixed else merged_weights(am) if merge else single._every_layer_live(am)
     with context:
@@ -432,8 +429,8 @@ def _check_parity(am: AdaptedModel, lowered: Lowered, path: Path, merge: bool, a
         return _check_mixed_parity(am, lowered, session, ids, atol)
     with torch.no_grad():
         reference = _torch_steps(am, lowered.layout, ids, _CHECK["steps"])
-        adapters = [] if merge else [rt.load_adapter(lowered.adapters[n]) for n in am.active_adapters]
-        label = "merged" if merge and am.active_adapters else "+".join(am.active_adapters) or "base"
+        adapters = [] if merge else [rt.load_adapter(lowered.adapters[n]) for n in am.enabled_adapters]
+        label = "merged" if merge and am.enabled_adapters else "+".join(am.enabled_adapters) or "base"
         checks[label] = _max_diff(_ort_steps(session, ids, _CHECK["steps"], adapters), reference)
         if not merge:
             with am.disable_adapters():
@@ -449,8 +446,6 @@ def _check_parity(am: AdaptedModel, lowered: Lowered, path: Path, merge: bool, a
 def _check_mixed_parity(am: AdaptedModel, lowered: Lowered, session: ort.InferenceSession, ids: torch.Tensor,
                         atol: float) -> dict[str, float]:
     """Rows of the first adapter, the base model and the last adapter in one batch, against PyTorch's mixed batch."""
-    from adaptc.mixed_batch import BASE
-
     names = lowered.mixed
     rows = [names[0], BASE, names[-1]]
     index = np.array([0, len(names), len(names) - 1], np.int64)

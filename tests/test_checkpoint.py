@@ -154,7 +154,8 @@ BAD = {
     "extra key": (lambda f: rewrite_weights(f, add_key), r"base_model\.model\.fc1\.lora_A\.bias are not LoRA parameters"),
     "shape mismatch": (lambda f: rewrite_weights(f, wrong_shape),
                        r"fc1\.lora_B\.weight has shape \[8, 3\], but fc1 \(linear, weight 8x6\) with r=2 needs \[8, 2\]"),
-    "unknown peft_type": (lambda f: rewrite_config(f, lambda c: c.update(peft_type="IA3")), "peft_type is 'IA3'"),
+    # POLY: a PEFT method that adaptc does not have
+    "unknown peft_type": (lambda f: rewrite_config(f, lambda c: c.update(peft_type="POLY")), "peft_type is 'POLY'"),
     "unsupported option": (lambda f: rewrite_config(f, lambda c: c.update(modules_to_save=["fc2"])), "modules_to_save"),
     "truncated": (lambda f: (f / WEIGHTS_NAME).write_bytes((f / WEIGHTS_NAME).read_bytes()[:300]),
                   rf"{WEIGHTS_NAME} is not a complete safetensors file"),

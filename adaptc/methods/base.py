@@ -90,6 +90,30 @@ class Method:
         """Lines ``adaptc inspect --method <name>`` prints when ``site_table`` is False: where the method acts."""
         return []
 
+    # ``adaptc inspect``'s site table (site_table True): a method that can say what an adapter of ``config``
+    # adds at a site gets a parameter column; one that does not (site_params None) gets none.
+
+    def site_params(self, site: Any, config: Any) -> int | None:
+        """The parameters an adapter of ``config`` adds at ``site``; None: this method does not say."""
+        return None
+
+    def site_cell(self, site: Any, config: Any) -> str:
+        """The parameter column's cell at ``site``: the count, or why ``inject`` would refuse ``config`` there."""
+        count = self.site_params(site, config)
+        return "" if count is None else f"{count:,}"
+
+    def site_column(self, config: Any) -> str:
+        """The heading of the parameter column."""
+        return f"{self.name} params"
+
+    def default_sites(self, sites: list, config: Any) -> list:
+        """The sites among ``sites`` an adapter of ``config`` would take (inspect's total)."""
+        return list(sites)
+
+    def site_notes(self, sites: list, config: Any) -> list[str]:
+        """Notes printed under the table (e.g. a rank above some weights' rank)."""
+        return []
+
     # -- checkpoints ------------------------------------------------------------------------------
 
     @property

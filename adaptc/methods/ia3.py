@@ -78,7 +78,8 @@ class IA3Method(Method):
         ]
         return [
             table(["site", "op", "weight", "scales"], rows),
-            f"PEFT's default targets {targets!r} (feed-forward {feedforward!r}) select {len(rows)} of the "
+            ("targets" if config.targets is not None else "PEFT's default targets")
+            + f" {targets!r} (feed-forward {feedforward!r}) select {len(rows)} of the "
             f"{len(sites)} linear and convolution sites; targets= chooses others",
         ]
 

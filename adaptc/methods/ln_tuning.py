@@ -127,15 +127,19 @@ class LNTuningMethod(Method):
         if not norms:
             return ["no norm with a learned weight found: LN tuning has nothing to adapt in this model"]
         sites = [ln_tuning.norm_site(n, model) for n in norms]
-        targets = LN_TARGETS.get(model_type(model) or "", "all")
-        chosen = {s.name for s in select(sites, targets)} if targets != "all" else {s.name for s in sites}
+        targets = config.targets if config.targets is not None else LN_TARGETS.get(model_type(model) or "", "all")
+        try:  # the config's targets and exclude (--opt), as inject selects them
+            chosen = {s.name for s in select(sites, targets, config.exclude)}
+        except TargetError as exc:
+            return [f"{len(sites)} norms; {exc}"]
         rows = [
             [s.name, s.op, s.shapes(), "yes" if s.name in chosen else "", number(s.params_added)]
             for s in sites
         ]
+        which = "the targets" if config.targets is not None else "the default targets"
         return [
-            table(["norm", "op", "weight", "default", "params"], rows, right=(4,)),
-            f"{len(sites)} norms; the default targets ({targets!r}) train {len(chosen)}",
+            table(["norm", "op", "weight", "chosen", "params"], rows, right=(4,)),
+            f"{len(sites)} norms; {which} ({targets!r}) train {len(chosen)}",
         ]
 
     def build(self, am: Any, adapter_name: str, config: LNTuningConfig) -> AdapterBuild:

@@ -13,7 +13,7 @@ from adaptc.passes import experts, lora, lora_fused
 from adaptc.passes.manager import GraphPass
 from adaptc.passes.selection import select
 from adaptc.passes.sites import site_key
-from adaptc.tables import in_out, number, table
+from adaptc.tables import few, in_out, number, table
 
 from . import lora_checkpoint
 from .base import AdapterBuild, Method, adapter_prefix
@@ -30,7 +30,7 @@ class LoraPass(GraphPass):
 
     def run(self, gm: torch.fx.GraphModule) -> bool:
         count = lora.insert(gm, self.model, self.layers, self.prefix)
-        count += experts.insert(gm, self.layers, self.prefix)  # mixture-of-experts weights, where they are read
+        count += experts.insert(gm, self.layers, self.prefix, site_key)  # mixture-of-experts weights, where they are read
         if self.config.fuse_siblings:
             lora_fused.fuse_siblings(gm, self.prefix)
         if count < self.expected_uses:
@@ -96,6 +96,38 @@ class LoraMethod(Method):
 
     def recognizes(self, checkpoint_config: dict[str, Any]) -> bool:
         return checkpoint_config.get("peft_type", "LORA") == "LORA"  # PEFT's oldest files have no peft_type
+
+    # -- adaptc inspect's site table ---------------------------------------------------------------
+
+    def site_params(self, site: Any, config: LoraConfig) -> int | None:
+        r = config.rank_for(site.name)
+        return None if lora.rank_error(site, r, config.init) else lora.lora_param_count(site, r, config.use_dora)
+
+    def site_cell(self, site: Any, config: LoraConfig) -> str:
+        count = self.site_params(site, config)
+        if count is None:
+            return "- (r too large)"  # inject would refuse this rank here
+        deficient = lora.rank_deficient(site, config.rank_for(site.name))  # allowed, as in PEFT
+        return number(count) + (f" (rank {site.max_rank()})" if deficient else "")
+
+    def site_column(self, config: LoraConfig) -> str:
+        return f"lora r={config.r}"
+
+    def default_sites(self, sites: list, config: LoraConfig) -> list:
+        try:
+            return _chosen_sites(sites, config)
+        except TargetError:
+            return []
+
+    def site_notes(self, sites: list, config: LoraConfig) -> list[str]:
+        deficient = [s.name for s in sites if lora.rank_deficient(s, config.rank_for(s.name))
+                     and self.site_params(s, config) is not None]
+        if not deficient:
+            return []
+        return [
+            f"note: r={config.r} is above the rank of the weight at {len(deficient)} site(s) ({few(deficient)}): "
+            "LoRA works there (as in PEFT), but its update has only the rank shown"
+        ]
 
     def describe(self, am: Any, adapter_name: str) -> list[str]:
         config, sites = am.adapter_configs()[adapter_name], am.adapter_sites(adapter_name)

@@ -219,3 +219,21 @@ class LycorisMethod(Method):
 
     def site_rank(self, site: Any, config: Any) -> int:
         return config.rank_for(site.name)
+
+    # -- adaptc inspect's site table: the shapes above, counted at the sites the method takes ---------
+
+    @staticmethod
+    def supports(site: Any) -> bool:
+        return lycoris.supports(site)
+
+    def site_params(self, site: Any, config: Any) -> int | None:
+        return sum(math.prod(s) for s in self.shapes(site, config).values()) if self.supports(site) else None
+
+    def site_column(self, config: Any) -> str:
+        return f"{self.name} r={config.r}"
+
+    def default_sites(self, sites: list, config: Any) -> list:
+        try:
+            return [s for s in config.select(sites) if self.supports(s)]
+        except AdaptcError:  # the targets match nothing here
+            return []

@@ -136,19 +136,30 @@ def _randomize(am: adaptc.AdaptedModel, seed: int) -> None:
             p.add_(torch.randn(p.shape, generator=g) * 0.05)
 
 
-def not_applicable(arch: Arch, method: str, error: str) -> bool:
-    """True for the refusals the matrix expects: a prompt method on a model without attention (only prefix
-    tuning on a state-space model, whose token sequence prompt tuning and P-tuning extend), and prompt
-    tuning / P-tuning on a model that fixes its sequence length (declared in the zoo)."""
-    if method == "bottleneck":  # adapts transformer blocks: a model without them gets the clear TargetError
-        return not arch.attention and "residual addition" in error
-    if method == "ln_tuning":  # a model without a norm (layer / RMS / group norm) gets the clear TargetError
-        return "no norm with a learned weight" in error
+# What each weight method's refusal says (adaptc/methods/*.py), so that another TargetError is a failure.
+_REFUSALS = {"ln_tuning": "no norm with a learned weight", "bottleneck": "residual addition", "vera": "found no linear op"}
+
+
+def expected_na(arch: Arch, method: str) -> bool:
+    """Whether the method does not apply to the model, so that inject must refuse it: a prompt method on a model
+    without attention (but prompt tuning / P-tuning on a state-space model, whose token sequence they extend),
+    prompt tuning / P-tuning on a model that fixes its sequence length, and the weight methods the zoo declares
+    the model has no site for (``Arch.refuses``)."""
     if method not in SEQUENCE_METHODS:
-        return False
+        return method in arch.refuses
     if not arch.attention:
-        return "no attention" in error and (method == "prefix" or not arch.state_space)
+        return method == "prefix" or not arch.state_space
     return arch.fixed_sequence and method in ("prompt", "ptuning")
+
+
+def not_applicable(arch: Arch, method: str, error: str) -> bool:
+    """True for the refusals the matrix expects: the method does not apply (``expected_na``) and inject said so
+    with the method's own TargetError."""
+    if not expected_na(arch, method):
+        return False
+    if method in _REFUSALS:
+        return _REFUSALS[method] in error
+    return arch.attention or "no attention" in error  # a fixed sequence length: the prompt methods' own error
 
 
 def run_cell(arch: Arch, method: str, workdir: Path) -> CellResult:

@@ -21,7 +21,13 @@ from zoo import ARCHS, METHODS  # noqa: E402
 RESULTS = Path(__file__).with_name("results.json")
 DOC = Path(__file__).resolve().parents[2] / "docs" / "conformance.md"  # where `make conformance` writes the table
 BEGIN, END = "<!-- conformance:begin -->", "<!-- conformance:end -->"
-NAMES = {"lora": "LoRA", "prompt": "prompt tuning", "ptuning": "P-tuning", "prefix": "prefix tuning"}
+NAMES = {"lora": "LoRA", "prompt": "prompt tuning", "ptuning": "P-tuning", "prefix": "prefix tuning", "ia3": "IA3",
+         "ln_tuning": "LN tuning", "bottleneck": "bottleneck", "adalora": "AdaLoRA", "oft": "OFT", "loha": "LoHa",
+         "lokr": "LoKr", "vera": "VeRA"}
+# Twelve columns do not fit one readable table: LoRA and the sequence methods in the first (with the model's library
+# and kind), the other weight methods in the second.
+TABLES = (("lora", "prompt", "ptuning", "prefix"), ("ia3", "ln_tuning", "bottleneck", "adalora", "oft", "loha", "lokr", "vera"))
+OUTCOMES = ("pass", "n/a", "fail", "not run")
 
 
 def _peft(text: str) -> str:
@@ -29,6 +35,9 @@ def _peft(text: str) -> str:
 
 
 def table(results: dict) -> str:
+    missing = [m for m in METHODS if m not in NAMES or not any(m in t for t in TABLES)]
+    if missing:
+        raise SystemExit(f"report.py has no column for {missing}: add them to NAMES and TABLES")
     notes: list[str] = []
     peft_notes: list[str] = []
 
@@ -37,36 +46,49 @@ def table(results: dict) -> str:
             bucket.append(text)
         return bucket.index(text) + 1
 
-    counts = {"pass": 0, "n/a": 0, "fail": 0, "not run": 0}
-    peft_yes = 0
-    head = "| architecture | library | kind | " + " | ".join(NAMES[m] for m in METHODS) + " |"
-    lines = [head, "|" + "---|" * (3 + len(METHODS))]
-    for arch in ARCHS.values():
-        cells = []
-        for method in METHODS:
-            r = results.get(f"{arch.id}/{method}")
-            if r is None:
-                counts["not run"] += 1
-                cells.append("not run")
-                continue
-            counts[r["outcome"]] += 1
-            if r["outcome"] == "pass":
-                ours = "pass"
-            elif r["outcome"] == "n/a":
-                ours = "n/a (clear error)"
-            else:
-                ours = f"**fail** at {r['stage']} [{note(notes, r['stage'] + ': ' + r['message'])}]"
-            peft = r.get("peft", "")
-            peft_yes += peft == "yes"
-            theirs = _peft(peft) if peft == "yes" or not peft else f"no [p{note(peft_notes, peft[4:-1])}]"
-            cells.append(f"{ours} / PEFT {theirs}")
-        lines.append(f"| {arch.id} | {arch.family} | {arch.kind} | " + " | ".join(cells) + " |")
-    total = sum(counts.values())
-    summary = (f"{len(ARCHS)} architectures x {len(METHODS)} methods = {total} cells: {counts['pass']} pass, "
-               f"{counts['n/a']} refused with the clear error where the method does not apply (n/a), "
-               f"{counts['fail']} fail, {counts['not run']} not run. PEFT (0.21.2, same models, same options) "
-               f"ran {peft_yes} of them.")
-    out = [summary, "", "Each cell: adaptc / PEFT.", "", *lines]
+    def cell(arch_id: str, method: str) -> str:
+        r = results.get(f"{arch_id}/{method}")
+        if r is None:
+            counts[method]["not run"] += 1
+            return "not run"
+        counts[method][r["outcome"]] += 1
+        if r["outcome"] == "pass":
+            ours = "pass"
+        elif r["outcome"] == "n/a":
+            ours = "n/a (clear error)"
+        else:
+            ours = f"**fail** at {r['stage']} [{note(notes, r['stage'] + ': ' + r['message'])}]"
+        peft = r.get("peft", "")
+        peft_ran[method] += peft == "yes"
+        theirs = _peft(peft) if peft == "yes" or not peft else f"no [p{note(peft_notes, peft[4:-1])}]"
+        return f"{ours} / PEFT {theirs}"
+
+    counts = {m: dict.fromkeys(OUTCOMES, 0) for m in METHODS}
+    peft_ran = dict.fromkeys(METHODS, 0)
+    tables: list[list[str]] = []
+    for i, group in enumerate(TABLES):
+        methods = [m for m in group if m in METHODS]
+        first = i == 0  # the first table names each model's library and kind; the others only the model
+        head = "| architecture | " + ("library | kind | " if first else "") + " | ".join(NAMES[m] for m in methods)
+        lines = [head + " |", "|" + "---|" * ((3 if first else 1) + len(methods))]
+        for arch in ARCHS.values():
+            row = f"| {arch.id} | " + (f"{arch.family} | {arch.kind} | " if first else "")
+            lines.append(row + " | ".join(cell(arch.id, m) for m in methods) + " |")
+        tables.append(lines)
+
+    def tally(methods: tuple[str, ...]) -> str:
+        n = {o: sum(counts[m][o] for m in methods if m in METHODS) for o in OUTCOMES}
+        return (f"{sum(n.values())} cells: {n['pass']} pass, {n['n/a']} n/a, {n['fail']} fail, {n['not run']} not run; "
+                f"PEFT ran {sum(peft_ran[m] for m in methods if m in METHODS)}")
+
+    total = {o: sum(c[o] for c in counts.values()) for o in OUTCOMES}
+    summary = (f"{len(ARCHS)} architectures x {len(METHODS)} methods = {sum(total.values())} cells: {total['pass']} pass, "
+               f"{total['n/a']} refused with the clear error where the method does not apply (n/a), "
+               f"{total['fail']} fail, {total['not run']} not run. PEFT (0.21.2, same models, same options) "
+               f"ran {sum(peft_ran.values())} of them.")
+    out = [summary, "", "Each cell: adaptc / PEFT."]
+    for group, lines in zip(TABLES, tables):
+        out += ["", f"{', '.join(NAMES[m] for m in group if m in METHODS)}: {tally(group)}.", "", *lines]
     if notes:
         out += ["", "Why adaptc's cells fail:", ""] + [f"{i}. {t}" for i, t in enumerate(notes, 1)]
     if peft_notes:

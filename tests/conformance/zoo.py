@@ -65,6 +65,11 @@ class Arch:
     # Tokens mixed by a state-space scan, not attention (Mamba): prompt tuning and P-tuning extend its token
     # sequence; prefix tuning (keys and values in front of each attention's) does not apply and must be refused.
     state_space: bool = False
+    # The weight methods the model offers no site for, each refused at inject with its clear TargetError:
+    # "ln_tuning" (no layer / RMS / group norm with a learned weight: batch norms only, or none at all),
+    # "bottleneck" (no residual addition of a linear sublayer's output: no transformer-style blocks),
+    # "vera" (no linear op that "all-linear" selects: the head is left out, and 1x1 convolutions are not linear ops).
+    refuses: tuple[str, ...] = ()
 
 
 def ids(b: int, t: int) -> dict:
@@ -320,12 +325,14 @@ class FunctionalTokens(nn.Module):
 
 CUSTOM = [
     Arch("custom-conv", "custom", "F.conv2d / F.linear / @ on bare parameters (no attention)", FunctionalConvNet,
-         image, (2, 12), (3, 17), attention=False),
+         image, (2, 12), (3, 17), attention=False, refuses=("ln_tuning", "bottleneck")),  # no norm, no residual
     Arch("custom-sdpa", "custom", "F.scaled_dot_product_attention transformer on features", FunctionalSDPA,
          lambda b, t: (torch.randn(b, t, 8),), (2, 10), (3, 13)),
     Arch("custom-tokens", "custom", "F.embedding + matmul/softmax attention on bare parameters", FunctionalTokens,
-         lambda b, t: (torch.randint(0, VOCAB, (b, t)),), (2, 8), (3, 11)),
+         lambda b, t: (torch.randint(0, VOCAB, (b, t)),), (2, 8), (3, 11),
+         refuses=("ln_tuning",)),  # its F.layer_norm has no weight: nothing for LN tuning to train
 ]
 
 ARCHS: dict[str, Arch] = {a.id: a for a in TRANSFORMERS + LLMS + TIMM + TORCHAUDIO + CUSTOM}
-METHODS = ("lora", "prompt", "ptuning", "prefix")
+METHODS = ("lora", "prompt", "ptuning", "prefix", "ia3", "ln_tuning", "bottleneck", "adalora", "oft", "loha", "lokr",
+           "vera")
