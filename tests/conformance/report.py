@@ -3,9 +3,10 @@
     .venv/bin/python tests/conformance/report.py          # print the table
     .venv/bin/python tests/conformance/report.py --write  # replace the table in docs/conformance.md
 
-Each cell is adaptc's outcome (pass, n/a = the clear error for a method that does not apply, or
-the stage that failed and why) next to what PEFT did on a fresh copy of the same model (yes, or
-its error). Failure reasons are listed under the table, numbered.
+Two tables (LoRA and the sequence methods; the other weight methods). Each cell is adaptc's outcome
+(pass, n/a = the clear error for a method that does not apply, the stage that failed and why, or
+"not run" when results.json has no such cell) next to what PEFT did on a fresh copy of the same model
+(yes, or its error). Failure reasons are listed under the tables, numbered.
 """
 
 from __future__ import annotations

@@ -3,8 +3,9 @@
 An ``Arch`` says how to build the model (random weights, seeded by the caller), how to make a
 call's inputs at a batch size and length, the sizes of the fixed batch and of a second, new
 shape (the ONNX check), whether it has attention (prompt methods apply only then, but for prompt
-tuning and P-tuning on a state-space model's tokens) and the task type PEFT would need for its
-prompt methods (None: PEFT has none for this kind of model). Nothing here downloads anything. The
+tuning and P-tuning on a state-space model's tokens), the weight methods it offers no site for
+(``refuses``) and the task type PEFT would need for its prompt methods (None: PEFT has none for
+this kind of model). Nothing here downloads anything. The
 builders the rest of the tests use too (GPT-2, Llama, OPT, BERT, T5, ViT, wav2vec 2.0, the conformer,
 the functional modules, the causal-LM families) come from the shared zoo, tests/model_zoo.py.
 """
@@ -59,8 +60,9 @@ class Arch:
     attention: bool = True
     peft_task: str | None = None
     # The model fixes its sequence length: it reshapes the tokens into an image grid (windows, spatial-reduction
-    # attention, LeViT's subsampling) or adds position embeddings of a fixed length (Whisper's 1500 frames). Extra
-    # tokens cannot fit, so prompt tuning and P-tuning do not apply and must be refused with the clear error.
+    # attention, LeViT's subsampling). Extra tokens cannot fit, so prompt tuning and P-tuning do not apply and must
+    # be refused with the clear error. (Whisper's encoder, whose input has one length, is not such a model: its
+    # position embeddings are added before the first attention, where the virtual tokens go in.)
     fixed_sequence: bool = False
     # Tokens mixed by a state-space scan, not attention (Mamba): prompt tuning and P-tuning extend its token
     # sequence; prefix tuning (keys and values in front of each attention's) does not apply and must be refused.
@@ -153,7 +155,7 @@ TRANSFORMERS = [
     Arch("hf-convnext", "transformers", "convolutional", _hf(
         tf.ConvNextForImageClassification, tf.ConvNextConfig, num_stages=2, hidden_sizes=[8, 16], depths=[1, 1], num_labels=5,
         layer_scale_init_value=0.5),  # see LAYER_SCALE
-        pixels, (2, 32), (3, 48), attention=False),
+        pixels, (2, 32), (3, 48), attention=False, refuses=("bottleneck",)),  # its residuals add a layer scale's output
     Arch("hf-segformer", "transformers", "hierarchical vision transformer, reduced-key attention", _hf(
         tf.SegformerForImageClassification, tf.SegformerConfig, num_encoder_blocks=2, depths=[1, 1],
         sr_ratios=[2, 1], hidden_sizes=[16, 32], patch_sizes=[7, 3], strides=[4, 2], num_attention_heads=[1, 2],
@@ -167,8 +169,7 @@ TRANSFORMERS = [
         encoder_attention_heads=4, encoder_ffn_dim=64, decoder_layers=1, decoder_attention_heads=4,
         decoder_ffn_dim=64, max_source_positions=16, max_target_positions=16, vocab_size=VOCAB, num_labels=3, pad_token_id=0,
         bos_token_id=1, eos_token_id=2, decoder_start_token_id=1),
-        lambda b, t: {"input_features": torch.randn(b, 8, t)}, (2, 32), (3, 32),  # Whisper takes a fixed length
-        fixed_sequence=True),
+        lambda b, t: {"input_features": torch.randn(b, 8, t)}, (2, 32), (3, 32)),  # Whisper takes a fixed length
 ]
 
 
@@ -255,17 +256,22 @@ def _random_head(model: nn.Module) -> nn.Module:
     return model
 
 
+# A convolutional network has no linear sublayer added to a residual (bottleneck) and no linear op but its head,
+# which "all-linear" leaves out (VeRA; its 1x1 convolutions are convolutions).
+NO_BLOCKS = ("bottleneck", "vera")
+
 TIMM = [
     Arch("timm-vit", "timm", "vision transformer", tiny_timm_vit, image, (2, 32), (3, 32)),
     Arch("timm-deit", "timm", "vision transformer, distillation token",
          _timm("deit_tiny_distilled_patch16_224", depth=2, img_size=32, num_classes=7), image, (2, 32), (3, 32)),
-    Arch("timm-resnet18", "timm", "convolutional", _timm("resnet18"), image, (2, 32), (3, 48), attention=False),
+    Arch("timm-resnet18", "timm", "convolutional", _timm("resnet18"), image, (2, 32), (3, 48), attention=False,
+         refuses=NO_BLOCKS + ("ln_tuning",)),  # batch norms only
     Arch("timm-convnext", "timm", "convolutional", _timm("convnext_atto", ls_init_value=0.5), image, (2, 32), (3, 64),
-         attention=False),  # see LAYER_SCALE
+         attention=False, refuses=NO_BLOCKS),  # see LAYER_SCALE; convnext_atto's MLPs are 1x1 convs (conv_mlp)
     Arch("timm-mobilenetv3", "timm", "convolutional, depthwise + squeeze-excite", _timm("mobilenetv3_small_050"),
-         image, (2, 32), (3, 48), attention=False),
+         image, (2, 32), (3, 48), attention=False, refuses=NO_BLOCKS + ("ln_tuning",)),  # batch norms only
     Arch("timm-regnet", "timm", "convolutional, grouped", _timm("regnetx_002"), image, (2, 32), (3, 48),
-         attention=False),
+         attention=False, refuses=NO_BLOCKS + ("ln_tuning",)),  # batch norms only
     Arch("timm-swin", "timm", "hierarchical vision transformer, shifted windows", _timm(
         "swin_tiny_patch4_window7_224", img_size=32, window_size=4, embed_dim=16, depths=(1, 1), num_heads=(2, 2)),
         image, (2, 32), (3, 32), fixed_sequence=True),
@@ -274,7 +280,8 @@ TIMM = [
     Arch("timm-mobilevit", "timm", "hybrid: convolutions + transformer blocks", _timm("mobilevit_xxs"),
          image, (2, 64), (3, 64), fixed_sequence=True),
     Arch("timm-levit", "timm", "hybrid: convolutional stem + attention with learned biases", _timm(
-        "levit_128s", img_size=64), image, (2, 64), (3, 64), fixed_sequence=True),
+        "levit_128s", img_size=64), image, (2, 64), (3, 64), fixed_sequence=True,
+        refuses=("ln_tuning",)),  # batch norms only (each linear layer is followed by one)
     Arch("timm-mixer", "timm", "MLP-Mixer (no attention)", lambda: _random_head(timm.models.mlp_mixer.MlpMixer(
         num_classes=10, img_size=32, patch_size=8, num_blocks=2, embed_dim=32)), image, (2, 32), (3, 32),  # mixer_s16_224's class, small
         attention=False),
