@@ -38,7 +38,7 @@ test-integration: $(STAMP)
 test-all: lint
 	$(PY) -m pytest -q
 
-# The full conformance matrix (tests/conformance): every architecture x method; about an hour on 2 cores.
+# The full conformance matrix (tests/conformance): every architecture x method; about six hours on 2 cores (docs/conformance.md).
 # Writes tests/conformance/results.json, then the table (tests/conformance/report.py) into docs/conformance.md.
 conformance: lint
 	ADAPTC_CONFORMANCE=1 OMP_NUM_THREADS=1 $(PY) -m pytest -q -p no:logging tests/conformance; \
