@@ -86,8 +86,8 @@ def test_bad_lora_options(options, error, words):
 def test_unknown_method_lists_the_known_ones():
     model = Attention()
     snap = snapshot(model)
-    with pytest.raises(adaptc.ConfigError, match=r"unknown method 'loha'.*known methods: lora"):
-        adaptc.inject(model, "loha", example_inputs=(X,))
+    with pytest.raises(adaptc.ConfigError, match=r"unknown method 'boft'.*known methods: lora"):
+        adaptc.inject(model, "boft", example_inputs=(X,))
     assert_unchanged(model, snap)
 
 

@@ -60,7 +60,7 @@ def spoil_all(root: Path, adapter: Path) -> dict[str, Path]:
         "list": lambda f: (f / "adapter_config.json").write_text("[]"),
         "rank": _edit_config(lambda d: d.update(r="eight")),
         "mts": _edit_config(lambda d: d.update(modules_to_save=["head"])),
-        "ia3": _edit_config(lambda d: d.update(peft_type="IA3")),
+        "poly": _edit_config(lambda d: d.update(peft_type="POLY")),  # a PEFT method adaptc does not have
         "unknown-field": _edit_config(lambda d: d.update(lora_frobnication=3)),
         "nan": _nan_weights,
     }
@@ -184,7 +184,7 @@ CASES = [
     Case("load-config-bad-rank", _load(lambda c: c.spoiled["rank"]), adaptc.CheckpointError,
          "r must be a positive number, got 'eight'"),
     Case("load-config-unsupported-field", _load(lambda c: c.spoiled["mts"]), adaptc.CheckpointError, "modules_to_save"),
-    Case("load-config-other-peft-type", _load(lambda c: c.spoiled["ia3"]), adaptc.CheckpointError, "peft_type is 'IA3'"),
+    Case("load-config-other-peft-type", _load(lambda c: c.spoiled["poly"]), adaptc.CheckpointError, "peft_type is 'POLY'"),
     Case("load-inputs-shape", _load(lambda c: c.adapter, example_inputs={"x": torch.zeros(2, 3)}), adaptc.InputError,
          r"x=Tensor\(2, 3\)"),
     Case("load-into-adapted", lambda c: adaptc.load_adapter(c.am, c.adapter, example_inputs=X), adaptc.InputError,
