@@ -10,8 +10,9 @@ Two engines run the same folder:
 
 ``"auto"`` (the default) is onnxruntime-genai when it is installed, else the session loop.
 A folder exported with ``mixed_adapters=True`` (every adapter stacked in the graph, an
-``adapter_index`` input) runs in the session loop only, with one adapter per row:
-``adapter=["a", None, "b"]`` (None: the base model).
+``adapter_index`` input) takes one adapter per row: ``adapter=["a", None, "b"]`` (None: the base
+model). Both engines run it: onnxruntime-genai is given the rows' indices with
+``Generator.set_model_input("adapter_index", ...)``, the session loop feeds them at every step.
 Greedy by default; ``do_sample=True`` samples with ``temperature``, ``top_k`` and ``top_p``.
 """
 
@@ -59,11 +60,8 @@ class OrtGenerator:
         self.adapter_files = {p.name[: -len(".onnx_adapter")]: p for p in sorted(self.folder.glob("*.onnx_adapter"))}
         mixed = self.folder / MIXED_FILE
         self.mixed: list[str] = json.loads(mixed.read_text())["adapter_index"] if mixed.is_file() else []
-        if self.mixed and engine == "genai":
-            raise InputError(f"{self.folder} stacks its adapters behind an adapter_index input, which onnxruntime-genai "
-                             "does not feed; use engine='session'")
         if engine == "auto":
-            engine = "genai" if genai_available() and not self.mixed else "session"
+            engine = "genai" if genai_available() else "session"
         if engine == "genai" and not genai_available():
             raise InputError("engine='genai' needs onnxruntime-genai: pip install onnxruntime-genai")
         self.engine = engine
@@ -190,12 +188,15 @@ class OrtGenerator:
 
     # --- onnxruntime-genai ---
 
-    def _genai(self, ids: np.ndarray, adapter: str | None, new_tokens: int, do_sample: bool, temperature: float,
+    def _genai(self, ids: np.ndarray, adapter: Any, new_tokens: int, do_sample: bool, temperature: float,
                top_k: int, top_p: float, seed: int | None) -> np.ndarray:
         import onnxruntime_genai as og
 
         if self._genai_model is None:
             self._genai_model = og.Model(str(self.folder))
+        index = self._index(adapter, ids.shape[0])  # a stacked folder: the rows' adapters, an input of the graph
+        if index:
+            adapter = None
         if adapter is not None and adapter not in self._loaded:
             if self._genai_adapters is None:
                 self._genai_adapters = og.Adapters(self._genai_model)
@@ -212,6 +213,8 @@ class OrtGenerator:
                 search["random_seed"] = seed
         params.set_search_options(**search)
         generator = og.Generator(self._genai_model, params)
+        for name, value in index.items():
+            generator.set_model_input(name, value)
         if adapter is not None:
             generator.set_active_adapter(self._genai_adapters, adapter)
         generator.append_tokens(ids.astype(np.int32))
