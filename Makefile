@@ -22,7 +22,7 @@ $(STAMP): constraints.txt pyproject.toml
 lint: $(STAMP)
 	$(VENV)/bin/ruff check adaptc passes targets tests examples bench
 
-# Test tiers (README, "Tests and their times"): unit (`-m "not slow and not integration"`, under 2 minutes on 2 cores),
+# Test tiers (README, "Tests and their times"): unit (`-m "not slow and not integration"`, about 4 minutes on 2 cores),
 # integration (processes, torchrun, ONNX export and ONNX Runtime, the worked examples, conformance cells, and by time
 # the slowest end-to-end runs) and slow.
 # `make test` (CI) runs lint + unit + integration; `make test-all` adds the slow tier.

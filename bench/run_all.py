@@ -1,6 +1,6 @@
 """`make bench`: every benchmark at the sizes bench/RESULTS.md records, then RESULTS.md from their tables.
 
-    .venv/bin/python bench/run_all.py            # about 30-40 minutes on 2 idle cores
+    .venv/bin/python bench/run_all.py            # about 40-50 minutes on 2 idle cores (estimated)
     .venv/bin/python bench/run_all.py --quick    # tiny sizes: checks the scripts run (numbers meaningless)
 
 Each benchmark also writes its own RESULTS-<name>.md next to this file.
